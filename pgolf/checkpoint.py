@@ -1,0 +1,75 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+`step_XXXXXXX.pt` holds the model weights, the data-stream position, the step and the
+training time so far; `step_XXXXXXX.opt<rank>.pt` holds each rank's optimizer state (with
+several processes Muon's momentum for a matrix lives only on the rank that owns it).
+Files are written to a temporary name and renamed, so a kill mid-write never corrupts the
+last good checkpoint. Loading uses torch.load(weights_only=True): no code is executed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    training_time_ms: float
+    model: dict
+    optimizers: list
+    loader: dict
+    world_size: int
+
+
+def _save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step_{step:07d}.pt"
+
+
+def save_checkpoint(ckpt_dir: Path, ckpt: Checkpoint, rank: int, barrier=lambda: None) -> Path:
+    """Every rank writes its optimizer state; then rank 0 writes the shared part, which marks
+    the checkpoint complete (`latest_checkpoint` only sees finished ones)."""
+    main = checkpoint_path(ckpt_dir, ckpt.step)
+    _save(ckpt.optimizers, main.with_name(f"{main.stem}.opt{rank}.pt"))
+    barrier()
+    if rank == 0:
+        cpu_model = {k: v.detach().cpu() for k, v in ckpt.model.items()}
+        _save(
+            {"step": ckpt.step, "training_time_ms": ckpt.training_time_ms, "model": cpu_model,
+             "loader": ckpt.loader, "world_size": ckpt.world_size},
+            main,
+        )
+    return main
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    steps = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("step_*.pt") if (m := STEP_FILE.match(p.name)))
+    return steps[-1][1] if steps else None
+
+
+def load_checkpoint(path: Path, rank: int, world_size: int, map_location="cpu") -> Checkpoint:
+    shared = torch.load(path, map_location=map_location, weights_only=True)
+    if shared["world_size"] != world_size:
+        raise RuntimeError(
+            f"checkpoint {path} was written by {shared['world_size']} processes; resume it with the same "
+            f"number (--nproc {shared['world_size']}), not {world_size}"
+        )
+    opt_path = path.with_name(f"{path.stem}.opt{rank}.pt")
+    if not opt_path.exists():
+        raise RuntimeError(f"checkpoint {path} is incomplete: {opt_path.name} is missing; resume an earlier step")
+    optimizers = torch.load(opt_path, map_location=map_location, weights_only=True)
+    return Checkpoint(shared["step"], shared["training_time_ms"], shared["model"], optimizers,
+                      shared["loader"], shared["world_size"])

@@ -1,0 +1,170 @@
+"""`pgolf` command line: train, data, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pgolf.config import DEFAULT_PRESET, Config, ConfigError, resolve_config
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_OVER_CAP = 3
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help=f"preset name or TOML path (default: {DEFAULT_PRESET}, the synthetic CPU smoke run)")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="train on the official shard layout in DIR (fineweb_train_*.bin, fineweb_val_*.bin, "
+                             "and the tokenizer .model in DIR unless data.tokenizer_path is given)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override single config keys, e.g. model.num_layers=11 train.iterations=500")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgolf", description="Parameter golf: train, compress, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model, export the artifact and score its roundtrip")
+    _add_config_args(train)
+    train.add_argument("--resume", metavar="RUN", help="continue a stopped run (run id or directory)")
+    train.add_argument("--nproc", type=int, default=None,
+                       help="launch N data-parallel processes with torchrun (1, 2, 4 or 8)")
+
+    config = sub.add_parser("config", help="print the resolved config as JSON")
+    _add_config_args(config)
+
+    data = sub.add_parser("data", help="download or build datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fw = data_sub.add_parser("fineweb", help="download the official cached FineWeb export from the Hugging Face hub")
+    fw.add_argument("--variant", default="sp1024", help="sp<VOCAB> (e.g. sp1024) or byte260")
+    fw.add_argument("--train-shards", type=int, default=80, help="number of 100M-token train shards (default 80)")
+    fw.add_argument("--root", default="data", help="where datasets/ and tokenizers/ go (default ./data)")
+    fw.add_argument("--repo-id", default=None, help="dataset repo (default willdepueoai/parameter-golf)")
+    fw.add_argument("--from-dir", default=None, help="copy from a local mirror of the hub repo instead of downloading")
+    fw.add_argument("--with-docs", action="store_true", help="also fetch the raw selected documents")
+
+    tok = data_sub.add_parser("tokenize", help="turn JSONL/text documents into official-format shards")
+    tok.add_argument("input", help="a .jsonl file ({\"text\": ...} per line), a .txt file or a directory of .txt")
+    tok.add_argument("--tokenizer", required=True, help="SentencePiece .model path, or byte260")
+    tok.add_argument("--out", required=True, help="output directory for the shards")
+    tok.add_argument("--val-docs", type=int, required=True, help="the first N documents form the val split")
+    tok.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 1e8)")
+    tok.add_argument("--prefix", default="fineweb", help="shard file prefix (default fineweb)")
+    tok.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Config, list[str], str]:
+    preset = args.config or DEFAULT_PRESET
+    overrides = list(args.overrides)
+    if args.data:
+        overrides = _data_dir_overrides(Path(args.data), overrides) + overrides
+    cfg, applied = resolve_config(preset, overrides)
+    return cfg, applied, preset
+
+
+def _data_dir_overrides(data_dir: Path, user_overrides: list[str]) -> list[str]:
+    """--data DIR: official shards in DIR; its tokenizer and vocabulary unless overridden."""
+    if not data_dir.is_dir():
+        raise ConfigError(f"--data {data_dir}: not a directory")
+    out = ["data.source=shards", f"data.data_path={data_dir}"]
+    user_keys = {o.split("=", 1)[0].strip() for o in user_overrides}
+    if "data.tokenizer_path" not in user_keys:
+        models = sorted(data_dir.glob("*.model"))
+        if len(models) == 1:
+            out.append(f"data.tokenizer_path={models[0]}")
+        elif len(models) > 1:
+            raise ConfigError(f"--data {data_dir}: several tokenizers ({', '.join(m.name for m in models)}); "
+                              "choose one with data.tokenizer_path=...")
+        else:
+            raise ConfigError(f"--data {data_dir}: no SentencePiece .model file in it; pass data.tokenizer_path=PATH")
+        if "model.vocab_size" not in user_keys:
+            from pgolf.tokenizer import load_tokenizer
+
+            out.append(f"model.vocab_size={load_tokenizer(models[0]).vocab_size}")
+    return out
+
+
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    forwarded = []
+    skip = False
+    for i, item in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if item.startswith("--nproc="):
+            continue
+        forwarded.append(item)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "pgolf", *forwarded]
+    print("launching: " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.nproc is not None and "RANK" not in os.environ:
+        return _launch_torchrun(args.nproc, argv)
+    from pgolf.train import run_training
+
+    if args.resume:
+        # The run's saved config is used as it was; only its location comes from here.
+        summary = run_training(Config(), resume=args.resume)
+    else:
+        cfg, applied, preset = _resolve(args)
+        summary = run_training(cfg, preset=preset, env_applied=applied)
+    status = summary.get("status")
+    if status == "over_cap":
+        return EXIT_OVER_CAP
+    return 0 if status == "done" else EXIT_FAILED
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg, applied, preset = _resolve(args)
+    print(json.dumps({"preset": preset, "env": applied, "config": cfg.to_dict()}, indent=2))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "fineweb":
+        from pgolf.fineweb import download_fineweb
+
+        kwargs = {"repo_id": args.repo_id} if args.repo_id else {}
+        report = download_fineweb(variant=args.variant, train_shards=args.train_shards, root=args.root,
+                                  with_docs=args.with_docs, source_dir=args.from_dir, **kwargs)
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    from pgolf.data import iter_documents, tokenize_to_shards
+    from pgolf.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    stats = tokenize_to_shards(iter_documents(args.input), tokenizer, args.out, num_val_docs=args.val_docs,
+                               shard_tokens=args.shard_tokens, prefix=args.prefix, overwrite=args.overwrite)
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args, argv)
+        if args.command == "config":
+            return cmd_config(args)
+        return cmd_data(args)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"pgolf {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

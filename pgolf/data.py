@@ -1,0 +1,427 @@
+"""Token shards: the on-disk format, streaming loaders, and documents -> shards.
+
+Shard format (shared with the official parameter-golf exporter, so files are
+interchangeable): a header of 256 little-endian int32 values
+``[SHARD_MAGIC, SHARD_VERSION, num_tokens, 0, ...]`` followed by ``num_tokens``
+little-endian uint16 token ids. Each document is stored as ``[bos_id] + encode(text)``
+with no EOS, and shards are cut purely by token count, so a document may span two files.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_TOKEN_ID = 65535  # uint16 storage
+
+_FIX = "re-download it with `pgolf data fineweb` or regenerate it with `pgolf data tokenize`"
+
+
+class ShardError(ValueError):
+    """A shard file is malformed; the message names the file, the problem and the fix."""
+
+
+class Tokenizer(Protocol):
+    bos_id: int
+    vocab_size: int
+
+    def encode(self, text: str) -> Sequence[int]: ...
+
+
+# ---------------------------------------------------------------------------
+# Reading and writing single shards
+# ---------------------------------------------------------------------------
+
+def read_shard_header(path: str | os.PathLike) -> int:
+    """Validate a shard's header and size without reading its tokens; return num_tokens."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(
+            f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte shard header "
+            f"(truncated or not a shard); {_FIX}"
+        )
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if int(header[0]) != SHARD_MAGIC:
+        raise ShardError(
+            f"{path}: bad magic number {int(header[0])}, expected {SHARD_MAGIC} "
+            f"(not a parameter-golf token shard); {_FIX}"
+        )
+    if int(header[1]) != SHARD_VERSION:
+        raise ShardError(
+            f"{path}: unsupported shard version {int(header[1])}, expected {SHARD_VERSION}; {_FIX}"
+        )
+    num_tokens = int(header[2])
+    expected = HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or size != expected:
+        kind = "truncated" if size < expected else "has trailing bytes"
+        raise ShardError(
+            f"{path}: file {kind}: header says {num_tokens} tokens ({expected} bytes) "
+            f"but the file is {size} bytes; {_FIX}"
+        )
+    return num_tokens
+
+
+def read_shard(path: str | os.PathLike, *, mmap: bool = False) -> np.ndarray:
+    """Return a shard's tokens as a 1-D uint16 array (read-only memory map if ``mmap``)."""
+    path = Path(path)
+    n = read_shard_header(path)
+    if mmap and n > 0:
+        return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+    if tokens.size != n:  # file shrank between the stat and the read
+        raise ShardError(f"{path}: short read ({tokens.size} of {n} tokens); {_FIX}")
+    return tokens.astype(np.uint16, copy=False)
+
+
+def write_shard(path: str | os.PathLike, tokens: Any, *, overwrite: bool = False) -> Path:
+    """Write ``tokens`` (1-D ints in [0, 65535]) as a shard, atomically.
+
+    The data goes to a temporary file in the destination folder and is renamed into
+    place, so an interrupted write never leaves a half-written shard behind.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"{path}: shard tokens must be 1-D, got shape {arr.shape}")
+    if arr.size and arr.dtype != np.uint16:
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{path}: shard tokens must be integers, got dtype {arr.dtype}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > MAX_TOKEN_ID:
+            raise ValueError(
+                f"{path}: token ids must be in [0, {MAX_TOKEN_ID}] for uint16 storage, "
+                f"got range [{lo}, {hi}]"
+            )
+    if arr.size >= 2**31:
+        raise ValueError(f"{path}: {arr.size} tokens do not fit the int32 header count")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header.tobytes())
+            f.write(arr.astype("<u2", copy=False).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve_shards(pattern: str | os.PathLike) -> list[Path]:
+    """Sorted list of files matching a glob; sorting fixes the stream order across runs."""
+    files = [Path(p) for p in sorted(glob.glob(str(pattern)))]
+    if not files:
+        raise FileNotFoundError(
+            f"no shards match {str(pattern)!r}; download with `pgolf data fineweb` "
+            f"or pass --data DIR pointing at a folder of fineweb_*.bin shards"
+        )
+    return files
+
+
+def _as_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    if isinstance(source, (str, os.PathLike)):
+        return resolve_shards(source)
+    files = [Path(p) for p in source]
+    if not files:
+        raise FileNotFoundError("empty list of shard files; download with `pgolf data fineweb`")
+    return files
+
+
+# ---------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------
+
+class TokenStream:
+    """Reads shards in order and wraps around forever (no sampling, no workers).
+
+    Deterministic by construction: the token sequence depends only on the file list,
+    and ``state_dict`` captures (file, offset) so a resumed run continues at the
+    exact next token.
+    """
+
+    def __init__(self, files: str | os.PathLike | Sequence[str | os.PathLike], *, mmap: bool = False):
+        self.files = _as_files(files)
+        self.mmap = mmap
+        self._load(0)
+
+    def _load(self, index: int) -> None:
+        self.file_index = index
+        self.tokens = read_shard(self.files[index], mmap=self.mmap)
+        self.position = 0
+
+    def take(self, n: int) -> np.ndarray:
+        """Next ``n`` tokens as a uint16 array, crossing (and wrapping) files as needed."""
+        if n < 0:
+            raise ValueError(f"cannot take a negative number of tokens ({n})")
+        parts: list[np.ndarray] = []
+        remaining = n
+        empty_in_a_row = 0
+        while remaining > 0:
+            avail = self.tokens.size - self.position
+            if avail <= 0:
+                # Official behaviour: an exhausted shard is left only when more tokens are needed.
+                empty_in_a_row = empty_in_a_row + 1 if self.tokens.size == 0 else 0
+                if empty_in_a_row > len(self.files):
+                    raise ValueError(f"all {len(self.files)} shards are empty; {_FIX}")
+                self._load((self.file_index + 1) % len(self.files))
+                continue
+            k = min(remaining, avail)
+            parts.append(self.tokens[self.position : self.position + k])
+            self.position += k
+            remaining -= k
+        if not parts:
+            return np.empty(0, dtype=np.uint16)
+        return np.asarray(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+
+    def state_dict(self) -> dict:
+        return {
+            "file_index": self.file_index,
+            "position": self.position,
+            "file_name": self.files[self.file_index].name,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        index, position = int(state["file_index"]), int(state["position"])
+        if not 0 <= index < len(self.files):
+            raise ValueError(
+                f"stream state points at shard #{index} but only {len(self.files)} shards are "
+                f"available; resume with the same training shards as the original run"
+            )
+        name = state.get("file_name")
+        if name is not None and self.files[index].name != name:
+            raise ValueError(
+                f"stream state expects shard #{index} to be {name!r} but found "
+                f"{self.files[index].name!r}; resume with the same training shards"
+            )
+        self._load(index)
+        if not 0 <= position <= self.tokens.size:
+            raise ValueError(
+                f"stream state position {position} is outside {self.files[index]} "
+                f"({self.tokens.size} tokens); the shard changed since the checkpoint"
+            )
+        self.position = position
+
+
+class DistributedTokenLoader:
+    """Per-rank (x, y) batches cut from one shared stream.
+
+    Every rank reads the same stream; each step consumes one contiguous chunk of
+    ``(local_tokens + 1) * world_size`` tokens and rank r keeps span r. The extra
+    token per span lets targets be the inputs shifted by one. Consequently the tokens
+    a step sees do not depend on how many ranks there are, only their split does.
+    """
+
+    def __init__(
+        self,
+        files: str | os.PathLike | Sequence[str | os.PathLike],
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.stream = TokenStream(files)
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        local_tokens = global_tokens // (self.world_size * grad_accum_steps)
+        if seq_len <= 0 or local_tokens <= 0 or local_tokens % seq_len:
+            raise ValueError(
+                f"train_batch_tokens={global_tokens} split over world_size={self.world_size} x "
+                f"grad_accum_steps={grad_accum_steps} gives {local_tokens} tokens per micro-batch, "
+                f"which must be a positive multiple of train_seq_len={seq_len}; adjust "
+                f"train_batch_tokens or train_seq_len"
+            )
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)
+        local = torch.from_numpy(chunk[self.rank * span : (self.rank + 1) * span].astype(np.int64))
+        if self.device.type == "cuda":
+            local = local.pin_memory()  # lets the non_blocking copy overlap with compute
+        x = local[:-1].view(-1, seq_len)
+        y = local[1:].view(-1, seq_len)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+
+def load_validation_tokens(
+    files: str | os.PathLike | Sequence[str | os.PathLike],
+    seq_len: int,
+    dtype: torch.dtype = torch.int64,
+) -> torch.Tensor:
+    """All validation shards concatenated, cut to ``k * seq_len + 1`` tokens (largest k).
+
+    Returns a 1-D tensor of ``dtype`` (int64 by default so it can index embeddings
+    directly; pass ``torch.uint16`` to keep a 4x smaller copy as the official script does).
+    The +1 is the final target; every scored token is the target of exactly one window.
+    """
+    parts = [read_shard(f) for f in _as_files(files)]
+    tokens = np.concatenate(parts) if parts else np.empty(0, np.uint16)
+    if tokens.size == 0:
+        raise ValueError(f"validation shards {files!s} contain no tokens; {_FIX}")
+    usable = ((tokens.size - 1) // seq_len) * seq_len if seq_len > 0 else 0
+    if usable <= 0:
+        raise ValueError(
+            f"validation split has {tokens.size} tokens, fewer than train_seq_len+1={seq_len + 1}; "
+            f"use a shorter seq_len or a larger val split"
+        )
+    out = torch.from_numpy(tokens[: usable + 1].copy())
+    return out if dtype == torch.uint16 else out.to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Documents -> shards
+# ---------------------------------------------------------------------------
+
+def iter_documents(path: str | os.PathLike) -> Iterator[str]:
+    """Yield document texts from a source.
+
+    * ``.jsonl``: one JSON object per line with a string ``"text"`` (blank lines skipped).
+    * ``.txt``: the whole file is one document (blank lines are paragraph breaks, not
+      document boundaries, so prose is never split by accident).
+    * a directory: every ``.txt`` / ``.jsonl`` file in it, in sorted name order.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl") and p.is_file())
+        if not found:
+            raise FileNotFoundError(f"{path}: directory has no .txt or .jsonl documents")
+        for p in found:
+            yield from iter_documents(p)
+    elif path.suffix == ".jsonl":
+        with path.open("r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(
+                        f"{path}:{lineno}: expected a JSON object with a \"text\" key ({e!r}); "
+                        f"fix or remove that line"
+                    ) from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{lineno}: \"text\" must be a string, got {type(text).__name__}")
+                yield text
+    elif path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8")
+    elif not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    else:
+        raise ValueError(f"{path}: unsupported document source; use .jsonl, .txt or a directory of them")
+
+
+def tokenize_to_shards(
+    documents: Iterable[str] | str | os.PathLike,
+    tokenizer: Tokenizer,
+    out_dir: str | os.PathLike,
+    num_val_docs: int,
+    shard_tokens: int = 100_000_000,
+    prefix: str = "fineweb",
+    *,
+    overwrite: bool = False,
+) -> dict:
+    """Tokenize documents into val then train shards, like the official exporter.
+
+    The first ``num_val_docs`` documents form ``{prefix}_val_*.bin`` and the rest
+    ``{prefix}_train_*.bin``. Within a split, tokens fill fixed ``shard_tokens`` buffers
+    (documents may straddle files); a split change always starts a new file. If anything
+    fails, the shards written by this call are removed.
+    """
+    if isinstance(documents, (str, os.PathLike)):
+        documents = iter_documents(documents)
+    vocab_size, bos = int(tokenizer.vocab_size), int(tokenizer.bos_id)
+    if vocab_size > MAX_TOKEN_ID + 1:
+        raise ValueError(f"vocab_size={vocab_size} does not fit uint16 shards (max {MAX_TOKEN_ID + 1})")
+    if not 0 <= bos < vocab_size:
+        raise ValueError(f"tokenizer bos_id={bos} is outside vocab_size={vocab_size}")
+    if shard_tokens <= 0 or num_val_docs < 0:
+        raise ValueError(f"need shard_tokens > 0 and num_val_docs >= 0, got {shard_tokens}, {num_val_docs}")
+    out = Path(out_dir)
+    existing = sorted(out.glob(f"{prefix}_train_*.bin")) + sorted(out.glob(f"{prefix}_val_*.bin"))
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {len(existing)} {prefix}_*.bin shards; choose an empty folder "
+            f"or pass overwrite=True (--overwrite) to replace them"
+        )
+    for stale in existing:  # an old, longer export must not leave extra shards behind
+        stale.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+    stats = {f"{k}_{s}": 0 for k in ("docs", "tokens", "files") for s in ("total", "val", "train")}
+    written: list[Path] = []
+    buf = np.empty(shard_tokens, dtype=np.uint16)
+    fill, split = 0, "val"
+
+    def flush() -> None:
+        nonlocal fill
+        if fill:
+            name = f"{prefix}_{split}_{stats[f'files_{split}']:06d}.bin"
+            written.append(write_shard(out / name, buf[:fill]))
+            stats["files_total"] += 1
+            stats[f"files_{split}"] += 1
+            fill = 0
+
+    try:
+        for doc_index, text in enumerate(documents):
+            doc_split = "val" if doc_index < num_val_docs else "train"
+            if doc_split != split:
+                flush()
+                split = doc_split
+            ids = np.asarray(tokenizer.encode(text), dtype=np.int64).reshape(-1)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
+                raise ValueError(f"document {doc_index}: token id {bad} is outside vocab_size={vocab_size}")
+            toks = np.empty(ids.size + 1, dtype=np.uint16)
+            toks[0] = bos
+            toks[1:] = ids
+            for key in ("docs", "tokens"):
+                amount = 1 if key == "docs" else toks.size
+                stats[f"{key}_total"] += amount
+                stats[f"{key}_{split}"] += amount
+            pos = 0
+            while pos < toks.size:
+                k = min(shard_tokens - fill, toks.size - pos)
+                buf[fill : fill + k] = toks[pos : pos + k]
+                fill += k
+                pos += k
+                if fill == shard_tokens:
+                    flush()
+        flush()
+        if stats["docs_total"] == 0:
+            raise ValueError("no documents to tokenize")
+        if stats["docs_total"] < num_val_docs:
+            raise ValueError(
+                f"only {stats['docs_total']} documents, fewer than num_val_docs={num_val_docs}; "
+                f"lower num_val_docs so some documents remain for training"
+            )
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+    stats["paths"] = [str(p) for p in written]
+    return stats

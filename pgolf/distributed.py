@@ -1,0 +1,82 @@
+"""Process-group setup: one code path for a single CPU/GPU process and torchrun DDP."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# The official batch is always split into 8 micro-batches: world_size x grad_accum_steps.
+MICRO_BATCHES = 8
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return MICRO_BATCHES // self.world_size
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj):
+        """Rank 0's value of obj on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any_true(self, flag: bool) -> bool:
+        if not self.distributed:
+            return flag
+        t = torch.tensor(int(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def setup_distributed(device_preference: str = "auto") -> DistInfo:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size <= 0 or MICRO_BATCHES % world_size:
+        raise RuntimeError(
+            f"world size {world_size} must divide {MICRO_BATCHES} so that gradient accumulation "
+            f"({MICRO_BATCHES} // world size) keeps the batch identical; use 1, 2, 4 or 8 processes"
+        )
+    device = pick_device(device_preference, local_rank)
+    if distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    return DistInfo(rank, world_size, local_rank, device, distributed)
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,45 @@
+"""Export stage: quantize the trained weights, write the artifact, account its bytes, then
+reload it from disk into the model and score the roundtrip (the number that is submitted)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pgolf.artifact import SizeReport, pack_artifact, read_artifact, size_report, write_artifact
+from pgolf.evaluate import EvalResult
+from pgolf.quant import dequantize_state_dict, quantize_state_dict
+
+ARTIFACT_NAME = "model.pgolf"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    size: SizeReport
+    roundtrip: EvalResult
+
+
+def size_to_dict(report: SizeReport) -> dict:
+    return {**asdict(report), "overage": report.overage}
+
+
+def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
+    """Rank 0 writes the artifact; every rank reloads it from disk and scores it."""
+    info = trainer.info
+    path = run_dir / ARTIFACT_NAME
+    if info.is_main:
+        qdict, stats = quantize_state_dict(trainer.base_model.state_dict(), scheme="int8")
+        meta = {"run_id": run_dir.name, "config": cfg.to_dict(), "scheme": "int8"}
+        blob = pack_artifact(qdict, meta=meta, compressor=cfg.export.compressor)
+        write_artifact(path, blob)
+        logger.log(f"export: int8 + {cfg.export.compressor}: {len(blob):,} bytes "
+                   f"({stats.param_count:,} params, payload {stats.payload_bytes:,} bytes before compression)")
+    info.barrier()
+    report = size_report(path.stat().st_size)
+    qdict, _meta = read_artifact(path)
+    state = {k: v.to(info.device) for k, v in dequantize_state_dict(qdict).items()}
+    trainer.base_model.load_state_dict(state, strict=True)
+    roundtrip = trainer.validate()
+    logger.event("final", size=size_to_dict(report), roundtrip=roundtrip.to_dict())
+    return ExportResult(path, report, roundtrip)

@@ -1,0 +1,113 @@
+"""Run directories: `runs/<run_id>/` with the resolved config, metrics JSONL and a human log.
+
+Layout:
+  config.json     resolved config (all keys), the preset it came from, applied env vars
+  metrics.jsonl   one JSON object per event (train, val, checkpoint, final, error)
+  train.log       what was printed, with the same numbers
+  checkpoints/    step_XXXXXXX.pt (periodic) and final.pt
+  model.pgolf     the compressed artifact
+  summary.json    the final numbers and the run's status
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pgolf.config import Config
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be created, found or resumed."""
+
+
+def new_run_id(cfg: Config) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.run.name) or "run"
+    return f"{stamp}-{name}-s{cfg.train.seed}"
+
+
+def create_run_dir(cfg: Config) -> Path:
+    """Create a fresh run directory; never reuse or overwrite an existing one."""
+    runs_dir = Path(cfg.run.runs_dir)
+    explicit = bool(cfg.run.run_id)
+    run_id = cfg.run.run_id or new_run_id(cfg)
+    path = runs_dir / run_id
+    suffix = 1
+    while not explicit and path.exists():  # two runs started in the same second
+        suffix += 1
+        path = runs_dir / f"{run_id}-{suffix}"
+    try:
+        path.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise RunError(
+            f"run directory {path} already exists and is never overwritten; "
+            f"continue it with `pgolf train --resume {path}` or choose another run.run_id"
+        ) from None
+    (path / "checkpoints").mkdir()
+    return path
+
+
+def find_run_dir(run: str, runs_dir: str = "runs") -> Path:
+    for candidate in (Path(run), Path(runs_dir) / run):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise RunError(f"no run found at '{run}' (looked for {run}/config.json and {runs_dir}/{run}/config.json)")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically so a killed process never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class RunLogger:
+    """Prints on rank 0 and appends the same lines to train.log; events go to metrics.jsonl."""
+
+    def __init__(self, run_dir: Path | None, enabled: bool = True, console: bool = True):
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.console = console
+        self.status_hook = None  # set by a progress display to print above its bar
+
+    def log(self, message: str, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console and self.console:
+            (self.status_hook or print)(message)
+        if self.run_dir is not None:
+            with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
+                f.write(message + "\n")
+
+    def event(self, kind: str, **fields: Any) -> None:
+        if not self.enabled or self.run_dir is None:
+            return
+        record = {"event": kind, "time": round(time.time(), 3), **fields}
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def error(self, message: str) -> None:
+        self.event("error", message=message)
+        if self.enabled:
+            print(message, file=sys.stderr)
+            if self.run_dir is not None:
+                with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
+                    f.write("ERROR: " + message + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,37 @@
+"""Learning-rate multiplier: constant, then a linear warmdown to zero at the end of training."""
+
+from __future__ import annotations
+
+from pgolf.config import TrainConfig
+
+
+def lr_scale(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:
+    """Multiplier on every base learning rate at `step` after `elapsed_ms` of training time.
+
+    - warmdown_frac > 0 and a wall-clock cap: decay over the last warmdown_frac of the budget.
+    - warmdown_iters with a wall-clock cap (official): the warmdown lasts warmdown_iters steps at
+      the average step time so far, ending when the budget runs out.
+    - warmdown_iters without a cap (official): the last warmdown_iters of `iterations`.
+    """
+    cap_ms = 1000.0 * cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else None
+    if cfg.warmdown_frac > 0:
+        if cap_ms is not None:
+            warmdown_ms = cfg.warmdown_frac * cap_ms
+            remaining_ms = max(cap_ms - elapsed_ms, 0.0)
+            return remaining_ms / warmdown_ms if remaining_ms <= warmdown_ms else 1.0
+        return _iteration_warmdown(step, cfg.iterations, round(cfg.warmdown_frac * cfg.iterations))
+    if cfg.warmdown_iters <= 0:
+        return 1.0
+    if cap_ms is None:
+        return _iteration_warmdown(step, cfg.iterations, cfg.warmdown_iters)
+    step_ms = elapsed_ms / max(step, 1)
+    warmdown_ms = cfg.warmdown_iters * step_ms
+    remaining_ms = max(cap_ms - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def _iteration_warmdown(step: int, iterations: int, warmdown: int) -> float:
+    if warmdown <= 0:
+        return 1.0
+    start = max(iterations - warmdown, 0)
+    return max((iterations - step) / warmdown, 0.0) if start <= step < iterations else 1.0

@@ -1,0 +1,370 @@
+"""The training loop: data -> model -> Muon/Adam steps under a wall-clock cap -> export -> roundtrip.
+
+One code path for every device: CUDA runs bf16 autocast and torch.compile, CPU runs fp32
+eager; under torchrun each of N ranks takes 8 // N micro-batches per step, so a step sees
+the same tokens whatever N is.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pgolf import optim as optim_mod
+from pgolf.artifact import ArtifactError, check_size
+from pgolf.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from pgolf.config import Config, config_from_dict
+from pgolf.data import DistributedTokenLoader, load_validation_tokens, resolve_shards
+from pgolf.distributed import DistInfo, setup_distributed, teardown_distributed
+from pgolf.evaluate import EvalResult, autocast_for, evaluate_bpb
+from pgolf.export import export_and_roundtrip, size_to_dict
+from pgolf.model import GPT, build_model, count_parameters
+from pgolf.optim import Optimizers, build_optimizers, muon_momentum_at
+from pgolf.progress import TrainProgress
+from pgolf.runs import RunError, RunLogger, create_run_dir, find_run_dir, read_json, write_json
+from pgolf.schedule import lr_scale
+from pgolf.tokenizer import check_vocab, load_tokenizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainData:
+    train_files: list[Path]
+    val_tokens: Tensor
+    luts: tuple[Tensor, Tensor, Tensor]
+    tokenizer_name: str
+    val_tokens_total: int
+
+
+def prepare_data(cfg: Config, info: DistInfo, logger: RunLogger) -> TrainData:
+    if cfg.data.source == "synthetic":
+        from pgolf.synthetic import ensure_synthetic_corpus
+
+        if info.is_main:
+            ensure_synthetic_corpus(cfg.data, log=logger.log)
+        info.barrier()
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    check_vocab(tokenizer, cfg.model.vocab_size)
+    train_files = resolve_shards(cfg.train_files())
+    seq_len = cfg.train.train_seq_len
+    val_tokens = load_validation_tokens(cfg.val_files(), seq_len)
+    total = val_tokens.numel() - 1
+    if cfg.train.val_max_tokens and cfg.train.val_max_tokens < total:
+        usable = max(cfg.train.val_max_tokens // seq_len, 1) * seq_len
+        val_tokens = val_tokens[: usable + 1]
+    luts = tokenizer.byte_luts(cfg.model.vocab_size).to_torch(info.device)
+    logger.log(f"data: {len(train_files)} train shards from {cfg.train_files()}; tokenizer {tokenizer.name}")
+    logger.log(f"val: {val_tokens.numel() - 1:,} of {total:,} tokens scored from {cfg.val_files()}")
+    return TrainData(train_files, val_tokens, luts, tokenizer.name, total)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def use_compile(cfg: Config, device: torch.device) -> bool:
+    return cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+
+
+def configure_backends(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+class Trainer:
+    """Owns the model, optimizers and data stream of one run and steps them."""
+
+    def __init__(self, cfg: Config, info: DistInfo, data: TrainData, logger: RunLogger):
+        self.cfg, self.info, self.data, self.logger = cfg, info, data, logger
+        seed_everything(cfg.train.seed)
+        self.base_model: GPT = build_model(cfg.model, info.device)
+        compiled = use_compile(cfg, info.device)
+        if compiled:
+            optim_mod.orthogonalize = torch.compile(optim_mod.orthogonalize)
+            self.fast_model = torch.compile(self.base_model, dynamic=False, fullgraph=True)
+        else:
+            self.fast_model = self.base_model
+        self.model = (
+            DDP(self.fast_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                broadcast_buffers=False)
+            if info.distributed else self.fast_model
+        )
+        self.optimizers: Optimizers = build_optimizers(self.base_model, cfg.optim, info.device)
+        self.loader = DistributedTokenLoader(data.train_files, info.rank, info.world_size, info.device)
+        self.step = 0
+        self.training_time_ms = 0.0
+
+    # --- state -----------------------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.step, self.training_time_ms, self.base_model.state_dict(),
+                          self.optimizers.state_dict(), self.loader.state_dict(), self.info.world_size)
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        self.base_model.load_state_dict(ckpt.model, strict=True)
+        self.optimizers.load_state_dict(ckpt.optimizers)
+        self.loader.load_state_dict(ckpt.loader)
+        self.step, self.training_time_ms = ckpt.step, ckpt.training_time_ms
+
+    # --- steps -----------------------------------------------------------------------------
+    def train_step(self, scale: float) -> Tensor:
+        """One optimizer step over 8 // world_size micro-batches; returns the mean loss."""
+        cfg, accum = self.cfg.train, self.info.grad_accum_steps
+        self.optimizers.zero_grad()
+        total = torch.zeros((), device=self.info.device)
+        for micro in range(accum):
+            if self.info.distributed:
+                self.model.require_backward_grad_sync = micro == accum - 1
+            x, y = self.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum)
+            with autocast_for(self.info.device):
+                loss = self.model(x, y)
+            total += loss.detach()
+            (loss / accum).backward()
+        self.optimizers.set_muon_momentum(muon_momentum_at(self.step, self.cfg.optim))
+        self.optimizers.set_lr_scale(scale)
+        if cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.base_model.parameters(), cfg.grad_clip_norm)
+        self.optimizers.step()
+        self.optimizers.zero_grad()
+        return total / accum
+
+    def warmup(self, steps: int) -> None:
+        """Prime compilation and allocator with real steps, then restore the exact prior state."""
+        if steps <= 0:
+            return
+        saved = self.checkpoint()
+        saved.model = {k: v.detach().clone() for k, v in saved.model.items()}
+        saved.optimizers = _deepcopy_tensors(saved.optimizers)
+        for i in range(steps):
+            self.train_step(1.0)
+            if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
+                self.logger.log(f"warmup_step:{i + 1}/{steps}")
+        self.restore(saved)
+        self.optimizers.zero_grad()
+
+    def validate(self) -> EvalResult:
+        return evaluate_bpb(self.fast_model, self.data.val_tokens, self.data.luts, self.cfg.train.train_seq_len,
+                            self.cfg.train.val_batch_size // (self.info.world_size * self.info.grad_accum_steps),
+                            self.info.device, self.info.rank, self.info.world_size)
+
+
+def _deepcopy_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _deepcopy_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy_tensors(v) for v in obj]
+    return obj
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_training(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    preset: str | None = None,
+    env_applied: list[str] | None = None,
+    interrupt_at_step: int | None = None,
+    console: bool = True,
+) -> dict:
+    """Train, export and verify one run; returns its summary (also saved as summary.json).
+
+    interrupt_at_step stops the loop after that step as if the process were killed (tests).
+    """
+    info = setup_distributed(cfg.train.device)
+    try:
+        return _run(cfg, info, resume, preset, env_applied or [], interrupt_at_step, console)
+    finally:
+        teardown_distributed(info)
+
+
+def _open_run(cfg: Config, info: DistInfo, resume: str | None, preset, env_applied) -> tuple[Config, Path]:
+    if resume:
+        run_dir = find_run_dir(resume, cfg.run.runs_dir)
+        saved = read_json(run_dir / "config.json")
+        summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
+        if summary.get("status") == "done":
+            raise RunError(f"run {run_dir} already finished; start a new run instead of resuming it")
+        return config_from_dict(saved["config"]), run_dir
+    run_dir = None
+    if info.is_main:
+        run_dir = create_run_dir(cfg)
+        cfg.run.run_id = run_dir.name
+        write_json(run_dir / "config.json", {"config": cfg.to_dict(), "preset": preset, "env": env_applied})
+    run_dir = Path(info.broadcast_object(str(run_dir)))
+    cfg.run.run_id = run_dir.name
+    return cfg, run_dir
+
+
+def _run(cfg, info: DistInfo, resume, preset, env_applied, interrupt_at_step, console) -> dict:
+    configure_backends(info.device)
+    cfg, run_dir = _open_run(cfg, info, resume, preset, env_applied)
+    logger = RunLogger(run_dir, enabled=info.is_main, console=console)
+    summary_path = run_dir / "summary.json"
+    if info.is_main:
+        write_json(summary_path, {"status": "running", "run_id": run_dir.name})
+    tcfg = cfg.train
+    logger.log(f"run: {run_dir}  device: {info.device}  world_size: {info.world_size}  "
+               f"grad_accum_steps: {info.grad_accum_steps}")
+    if env_applied:
+        logger.log("official environment variables applied: " + " ".join(env_applied))
+    data = prepare_data(cfg, info, logger)
+    trainer = Trainer(cfg, info, data, logger)
+    logger.log(f"model_params: {count_parameters(trainer.base_model):,}  layers: {cfg.model.num_layers}  "
+               f"dim: {cfg.model.model_dim}  heads: {cfg.model.num_heads}/{cfg.model.num_kv_heads}  "
+               f"compile: {trainer.fast_model is not trainer.base_model}")
+    ckpt_dir = run_dir / "checkpoints"
+    if resume:
+        path = latest_checkpoint(ckpt_dir)
+        if path is None:
+            raise RunError(f"run {run_dir} has no checkpoint to resume from; it must be started again")
+        trainer.warmup(tcfg.warmup_steps)
+        trainer.restore(load_checkpoint(path, info.rank, info.world_size, map_location=info.device))
+        logger.log(f"resumed from {path.name} at step {trainer.step} ({trainer.training_time_ms:.0f} ms trained)")
+        logger.event("resume", step=trainer.step, checkpoint=path.name)
+    else:
+        trainer.warmup(tcfg.warmup_steps)
+
+    status, stop_reason = _loop(trainer, cfg, info, logger, ckpt_dir, interrupt_at_step)
+    summary = {"status": status, "run_id": run_dir.name, "steps": trainer.step,
+               "train_time_ms": round(trainer.training_time_ms, 1), "stop_reason": stop_reason}
+    if status != "trained":
+        if info.is_main:
+            write_json(summary_path, summary)
+        return summary
+
+    pre = trainer.validate()
+    logger.log(f"final pre-quant val_loss:{pre.val_loss:.4f} val_bpb:{pre.val_bpb:.4f}")
+    save_checkpoint(ckpt_dir, trainer.checkpoint(), info.rank, info.barrier)
+    result = export_and_roundtrip(trainer, cfg, run_dir, logger)
+    summary.update(
+        status="done" if result.size.fits else "over_cap",
+        pre_quant=pre.to_dict(),
+        roundtrip=result.roundtrip.to_dict(),
+        size=size_to_dict(result.size),
+        val_tokens_scored=data.val_tokens.numel() - 1,
+        val_tokens_total=data.val_tokens_total,
+    )
+    if info.is_main:
+        write_json(summary_path, summary)
+    _print_final(logger, summary, trainer, cfg, result)
+    return summary
+
+
+def _loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt_dir: Path,
+          interrupt_at_step: int | None) -> tuple[str, str]:
+    tcfg = cfg.train
+    cap_ms = 1000.0 * tcfg.max_wallclock_seconds if tcfg.max_wallclock_seconds > 0 else None
+    progress = TrainProgress(tcfg.iterations, enabled=info.is_main and logger.console, logger=logger)
+    stop_reason = "iterations"
+    _sync(info.device)
+    t0 = time.perf_counter()
+    try:
+        with progress:
+            while trainer.step < tcfg.iterations:
+                if tcfg.val_loss_every > 0 and trainer.step % tcfg.val_loss_every == 0 and trainer.step > 0:
+                    _sync(info.device)
+                    trainer.training_time_ms += 1000.0 * (time.perf_counter() - t0)
+                    res = trainer.validate()
+                    logger.log(f"step:{trainer.step}/{tcfg.iterations} val_loss:{res.val_loss:.4f} "
+                               f"val_bpb:{res.val_bpb:.4f} train_time:{trainer.training_time_ms:.0f}ms")
+                    logger.event("val", step=trainer.step, train_time_ms=trainer.training_time_ms, **res.to_dict())
+                    _sync(info.device)
+                    t0 = time.perf_counter()
+                elapsed = trainer.training_time_ms + 1000.0 * (time.perf_counter() - t0)
+                scale = lr_scale(trainer.step, elapsed, tcfg)
+                loss = trainer.train_step(scale)
+                loss_value = loss.item()
+                trainer.step += 1
+                if info.any_true(not math.isfinite(loss_value)):
+                    _sync(info.device)
+                    trainer.training_time_ms += 1000.0 * (time.perf_counter() - t0)
+                    raise TrainingDiverged(_divergence_message(trainer.step, loss_value, ckpt_dir))
+                _sync(info.device)
+                now_ms = trainer.training_time_ms + 1000.0 * (time.perf_counter() - t0)
+                progress.update(trainer.step, loss_value, now_ms)
+                if tcfg.train_log_every > 0 and (trainer.step <= 10 or trainer.step % tcfg.train_log_every == 0):
+                    logger.log(f"step:{trainer.step}/{tcfg.iterations} train_loss:{loss_value:.4f} "
+                               f"train_time:{now_ms:.0f}ms step_avg:{now_ms / trainer.step:.2f}ms", console=False)
+                    logger.event("train", step=trainer.step, train_loss=loss_value, train_time_ms=now_ms,
+                                 lr_scale=scale)
+                if tcfg.checkpoint_every > 0 and trainer.step % tcfg.checkpoint_every == 0:
+                    trainer.training_time_ms = now_ms
+                    path = save_checkpoint(ckpt_dir, trainer.checkpoint(), info.rank, info.barrier)
+                    logger.event("checkpoint", step=trainer.step, path=path.name)
+                    t0 = time.perf_counter()
+                    now_ms = trainer.training_time_ms
+                if interrupt_at_step is not None and trainer.step >= interrupt_at_step:
+                    trainer.training_time_ms = now_ms
+                    return "interrupted", "interrupt_at_step"
+                if info.any_true(cap_ms is not None and now_ms >= cap_ms):
+                    stop_reason = "wallclock_cap"
+                    break
+    except KeyboardInterrupt:
+        last = latest_checkpoint(ckpt_dir)
+        logger.error(f"interrupted at step {trainer.step}; " + (
+            f"continue from {last.name} with `pgolf train --resume {ckpt_dir.parent}`" if last
+            else "no checkpoint was written (set train.checkpoint_every to make runs resumable)"))
+        return "interrupted", "keyboard_interrupt"
+    except TrainingDiverged as exc:
+        logger.error(str(exc))
+        return "failed", "non_finite_loss"
+    _sync(info.device)
+    trainer.training_time_ms += 1000.0 * (time.perf_counter() - t0)
+    if stop_reason == "wallclock_cap":
+        logger.log(f"stopping_early: wallclock_cap train_time:{trainer.training_time_ms:.0f}ms "
+                   f"step:{trainer.step}/{tcfg.iterations}")
+    return "trained", stop_reason
+
+
+def _divergence_message(step: int, loss: float, ckpt_dir: Path) -> str:
+    last = latest_checkpoint(ckpt_dir)
+    where = (f"the last good checkpoint {last} is kept; lower the learning rates or set "
+             f"train.grad_clip_norm, then resume with `pgolf train --resume {ckpt_dir.parent}`" if last
+             else "no checkpoint had been written (train.checkpoint_every=0); lower the learning rates "
+                  "or set train.grad_clip_norm and start again")
+    return f"training stopped: loss became {loss} at step {step}; {where}"
+
+
+def _print_final(logger: RunLogger, summary: dict, trainer: Trainer, cfg: Config, result) -> None:
+    steps, ms = summary["steps"], summary["train_time_ms"]
+    pre, rt = summary["pre_quant"], summary["roundtrip"]
+    logger.log("=" * 72)
+    logger.log(f"steps: {steps}/{cfg.train.iterations} (stopped by {summary['stop_reason']})")
+    logger.log(f"train_time: {ms / 1000:.1f} s  step_avg: {ms / max(steps, 1):.2f} ms")
+    logger.log(f"pre-quant  val_loss: {pre['val_loss']:.4f}  val_bpb: {pre['val_bpb']:.4f}")
+    for line in result.size.lines():
+        logger.log(line)
+    logger.log(f"roundtrip  val_loss: {rt['val_loss']:.4f}  val_bpb: {rt['val_bpb']:.4f}  "
+               f"(artifact reloaded from {result.path.name})")
+    logger.log(f"final_roundtrip_exact val_loss:{rt['val_loss']:.8f} val_bpb:{rt['val_bpb']:.8f}")
+    if summary["val_tokens_scored"] < summary["val_tokens_total"]:
+        logger.log(f"note: scored {summary['val_tokens_scored']:,} of {summary['val_tokens_total']:,} val tokens "
+                   f"(train.val_max_tokens); set it to 0 for the official full-split metric")
+    if not result.size.fits:
+        try:
+            check_size(result.size)
+        except ArtifactError as exc:
+            logger.error(str(exc))
+    sys.stdout.flush()
