@@ -75,6 +75,9 @@ def _data_dir_overrides(data_dir: Path, user_overrides: list[str]) -> list[str]:
         raise ConfigError(f"--data {data_dir}: not a directory")
     out = ["data.source=shards", f"data.data_path={data_dir}"]
     user_keys = {o.split("=", 1)[0].strip() for o in user_overrides}
+    for key, pattern in (("data.train_pattern", "fineweb_train_*.bin"), ("data.val_pattern", "fineweb_val_*.bin")):
+        if key not in user_keys:
+            out.append(f"{key}={pattern}")
     if "data.tokenizer_path" not in user_keys:
         models = sorted(data_dir.glob("*.model"))
         if len(models) == 1:

@@ -224,6 +224,18 @@ def _run(cfg, info: DistInfo, resume, preset, env_applied, interrupt_at_step, co
     summary_path = run_dir / "summary.json"
     if info.is_main:
         write_json(summary_path, {"status": "running", "run_id": run_dir.name})
+    try:
+        return _train_export(cfg, info, run_dir, logger, resume, env_applied, interrupt_at_step)
+    except Exception as exc:
+        if info.is_main:
+            write_json(summary_path, {"status": "failed", "run_id": run_dir.name, "error": str(exc)})
+            logger.event("error", message=str(exc))
+        raise
+
+
+def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resume, env_applied,
+                  interrupt_at_step) -> dict:
+    summary_path = run_dir / "summary.json"
     tcfg = cfg.train
     logger.log(f"run: {run_dir}  device: {info.device}  world_size: {info.world_size}  "
                f"grad_accum_steps: {info.grad_accum_steps}")
