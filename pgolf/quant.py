@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from pgolf.model import CONTROL_PARAM_PATTERNS
+
 __all__ = [
     "CONTROL_PATTERNS", "KEEP_FLOAT_MAX_NUMEL", "CLIP_PERCENTILE", "KINDS",
     "QuantizedTensor", "QuantStats", "SCHEMES", "DEQUANTIZERS",
@@ -33,12 +35,9 @@ __all__ = [
     "dequantize_tensor", "dequantize_state_dict", "dtype_name", "dtype_from_name",
 ]
 
-# Substrings naming the model's small "control" tensors (gains, mixes, skip weights).
-# They stay fp32 in the export and are grouped apart by the optimizer.
-CONTROL_PATTERNS: tuple[str, ...] = (
-    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
-    "q_gain", "skip_weight", "skip_weights",
-)
+# The model's small "control" tensors (gains, mixes, skip weights) stay fp32 in the export;
+# the optimizer groups them apart by the same names.
+CONTROL_PATTERNS: tuple[str, ...] = CONTROL_PARAM_PATTERNS
 KEEP_FLOAT_MAX_NUMEL = 65_536
 CLIP_PERCENTILE = 99.99984
 _CLIP_Q = CLIP_PERCENTILE / 100.0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pgolf import quant
-from pgolf.quant import (CONTROL_PATTERNS, QuantizedTensor, dequantize_state_dict,
+from pgolf.quant import (CONTROL_PATTERNS, is_control_tensor, QuantizedTensor, dequantize_state_dict,
                          quantize_state_dict)
 
 Q = 0.9999984  # 99.99984th percentile
@@ -80,8 +80,10 @@ def random_state_dict(seed=0):
 
 
 def test_control_patterns_exported():
-    for p in ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_weights"):
-        assert p in CONTROL_PATTERNS
+    for name in ("blocks.0.attn_scale", "blocks.0.mlp_scale", "blocks.3.resid_mix", "blocks.1.attn.q_gain",
+                 "skip_weights", "attn_scales", "mlp_scales", "resid_mixes"):
+        assert is_control_tensor(name), name
+    assert not is_control_tensor("blocks.0.attn.c_q.weight") and not is_control_tensor("tok_emb.weight")
 
 
 @pytest.mark.parametrize("seed", [0, 1])
