@@ -55,11 +55,16 @@ def evaluate_bpb(
         raise ValueError(f"validation needs at least seq_len+1={seq_len + 1} tokens, got {val_tokens.numel()}")
     first = total_windows * rank // world_size
     last = total_windows * (rank + 1) // world_size
-    windows_per_batch = max(batch_tokens // seq_len, 1)
+    if batch_tokens < seq_len:
+        raise ValueError(f"the validation batch ({batch_tokens} tokens per rank) must hold at least one sequence of "
+                         f"{seq_len}; raise train.val_batch_size (it is split over world size x 8 // world size)")
+    windows_per_batch = batch_tokens // seq_len
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss nats, tokens, bytes
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
+    # no_grad, not inference_mode: tensors cached during evaluation (rotary tables) must stay
+    # usable by training steps that follow.
+    with torch.no_grad():
         for start in range(first, last, windows_per_batch):
             end = min(start + windows_per_batch, last)
             chunk = val_tokens[start * seq_len : end * seq_len + 1].to(device=device, dtype=torch.int64)

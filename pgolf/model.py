@@ -39,20 +39,24 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotary position tables, cached per (length, device)."""
+    """Rotary position tables, cached per (length, device).
+
+    Positions are built in inv_freq's dtype, as the official model does: on CUDA the model is
+    cast to bf16, buffers included, so the baseline's angles are bf16 there."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+        self._cache: tuple[tuple, Tensor, Tensor] | None = None
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
-            positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        key = (seq_len, device, self.inv_freq.dtype)
+        if self._cache is None or self._cache[0] != key:
+            positions = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
             angles = torch.outer(positions, self.inv_freq.to(device))
-            self._cache = (seq_len, device, angles.cos()[None, None], angles.sin()[None, None])
-        _, _, cos, sin = self._cache
+            self._cache = (key, angles.cos()[None, None], angles.sin()[None, None])
+        _, cos, sin = self._cache
         return cos.to(dtype), sin.to(dtype)
 
 

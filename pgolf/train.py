@@ -295,7 +295,7 @@ def _loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt
     try:
         with progress:
             while trainer.step < tcfg.iterations:
-                if tcfg.val_loss_every > 0 and trainer.step % tcfg.val_loss_every == 0 and trainer.step > 0:
+                if tcfg.val_loss_every > 0 and trainer.step % tcfg.val_loss_every == 0:
                     _sync(info.device)
                     trainer.training_time_ms += 1000.0 * (time.perf_counter() - t0)
                     res = trainer.validate()
