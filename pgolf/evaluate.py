@@ -7,14 +7,13 @@ so the reported numbers do not depend on the batch size or the number of process
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pgolf.tokenizer import token_bytes
+from pgolf.tokenizer import bits_per_byte, token_bytes
 
 
 @dataclass
@@ -79,10 +78,9 @@ def evaluate_bpb(
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     model.train(was_training)
     loss_sum, tokens, nbytes = (float(v) for v in sums.tolist())
-    val_loss = loss_sum / tokens
     return EvalResult(
-        val_loss=val_loss,
-        val_bpb=val_loss / math.log(2.0) * tokens / nbytes,
+        val_loss=loss_sum / tokens,
+        val_bpb=bits_per_byte(loss_sum, tokens, nbytes),
         loss_sum=loss_sum,
         tokens=int(tokens),
         bytes=int(nbytes),

@@ -41,6 +41,7 @@ class Muon(torch.optim.Optimizer):
                  ns_dtype: torch.dtype = torch.bfloat16):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
         self.ns_dtype = ns_dtype
+        self.orthogonalize = orthogonalize  # replaced by a torch.compile'd version on CUDA
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -61,7 +62,7 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"]
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    g = orthogonalize(g, group["backend_steps"], self.ns_dtype)
+                    g = self.orthogonalize(g, group["backend_steps"], self.ns_dtype)
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
                     flat[offset : offset + p.numel()] = g.reshape(-1)
                 offset += p.numel()

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pgolf import optim as optim_mod
 from pgolf.artifact import ArtifactError, check_size
 from pgolf.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from pgolf.config import Config, config_from_dict
@@ -28,7 +27,7 @@ from pgolf.distributed import DistInfo, setup_distributed, teardown_distributed
 from pgolf.evaluate import EvalResult, autocast_for, evaluate_bpb
 from pgolf.export import export_and_roundtrip, size_to_dict
 from pgolf.model import GPT, build_model, count_parameters
-from pgolf.optim import Optimizers, build_optimizers, muon_momentum_at
+from pgolf.optim import Optimizers, build_optimizers, muon_momentum_at, orthogonalize
 from pgolf.progress import TrainProgress
 from pgolf.runs import RunError, RunLogger, create_run_dir, find_run_dir, read_json, write_json
 from pgolf.schedule import lr_scale
@@ -97,7 +96,6 @@ class Trainer:
         self.base_model: GPT = build_model(cfg.model, info.device)
         compiled = use_compile(cfg, info.device)
         if compiled:
-            optim_mod.orthogonalize = torch.compile(optim_mod.orthogonalize)
             self.fast_model = torch.compile(self.base_model, dynamic=False, fullgraph=True)
         else:
             self.fast_model = self.base_model
@@ -107,6 +105,8 @@ class Trainer:
             if info.distributed else self.fast_model
         )
         self.optimizers: Optimizers = build_optimizers(self.base_model, cfg.optim, info.device)
+        if compiled:
+            self.optimizers.muon.orthogonalize = torch.compile(orthogonalize)
         self.loader = DistributedTokenLoader(data.train_files, info.rank, info.world_size, info.device)
         self.step = 0
         self.training_time_ms = 0.0

@@ -167,3 +167,13 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert two["status"] == "done"
     assert two["pre_quant"]["val_loss"] == pytest.approx(one["pre_quant"]["val_loss"], abs=1e-4)
     assert two["pre_quant"]["bytes"] == one["pre_quant"]["bytes"]
+
+
+@pytest.mark.slow
+def test_compiled_path_matches_eager(tmp_path):
+    """train.compile=on (the CUDA path's torch.compile, here on CPU) compiles with fullgraph and
+    trains to the same losses as eager."""
+    eager = run_training(tiny_config(tmp_path, "train.iterations=3", "run.run_id=eager"), console=False)
+    compiled = run_training(tiny_config(tmp_path, "train.iterations=3", "run.run_id=compiled", "train.compile=on"),
+                            console=False)
+    assert compiled["pre_quant"]["val_loss"] == pytest.approx(eager["pre_quant"]["val_loss"], abs=1e-3)
