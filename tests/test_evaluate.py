@@ -22,14 +22,7 @@ N_WINDOWS = 7
 TINY = dict(vocab_size=V, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to OpenMP spin-waiting when
-    other processes share the cores (2 threads made this file 10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def val_tokens(seed: int = 0, windows: int = N_WINDOWS, tail: int = 5) -> torch.Tensor:

@@ -14,14 +14,7 @@ from pgolf.model import GPT, build_model, count_parameters
 TINY = dict(vocab_size=64, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to OpenMP spin-waiting when
-    other processes share the cores (2 threads made this file 10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def tiny(**overrides) -> GPT:

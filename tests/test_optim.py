@@ -18,14 +18,7 @@ BLOCK_MATRICES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn
 BLOCK_CONTROLS = ("attn_scale", "mlp_scale", "resid_mix", "attn.q_gain")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to OpenMP spin-waiting when
-    other processes share the cores (2 threads made this file 10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
