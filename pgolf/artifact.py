@@ -62,7 +62,7 @@ class ArtifactError(ValueError):
 
 # ---------------------------------------------------------------- compressors
 
-def _zstd_module():
+def zstd_module():
     try:
         import zstandard
     except ImportError:
@@ -76,8 +76,8 @@ _LZMA_PRESET = 9 | lzma.PRESET_EXTREME
 # name -> (compress, decompress)
 COMPRESSORS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
     "zlib": (lambda b: zlib.compress(b, level=9), zlib.decompress),
-    "zstd": (lambda b: _zstd_module().ZstdCompressor(level=22).compress(b),
-             lambda b: _zstd_module().ZstdDecompressor().decompress(b)),
+    "zstd": (lambda b: zstd_module().ZstdCompressor(level=22).compress(b),
+             lambda b: zstd_module().ZstdDecompressor().decompress(b)),
     "lzma": (lambda b: lzma.compress(b, preset=_LZMA_PRESET), lzma.decompress),
 }
 

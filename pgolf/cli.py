@@ -9,11 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pgolf.config import DEFAULT_PRESET, Config, ConfigError, resolve_config
+from pgolf.config import (DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, Config, ConfigError, official_env_present,
+                          resolve_config)
+from pgolf.distributed import MICRO_BATCHES
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_OVER_CAP = 3
+EXIT_INTERRUPTED = 130
+STATUS_EXIT_CODES = {"done": 0, "over_cap": EXIT_OVER_CAP, "interrupted": EXIT_INTERRUPTED}
+# Set by `pgolf train --nproc`: workers then report handled outcomes through summary.json and
+# exit 0, so torchrun does not bury them under its own failure traceback.
+LAUNCHED_ENV = "PGOLF_LAUNCHED"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Config, list[str], str]:
-    preset = args.config or DEFAULT_PRESET
+    preset = args.config or (OFFICIAL_DEFAULT_PRESET if official_env_present(os.environ) else DEFAULT_PRESET)
     overrides = list(args.overrides)
     if args.data:
         overrides = _data_dir_overrides(Path(args.data), overrides) + overrides
@@ -94,40 +101,63 @@ def _data_dir_overrides(data_dir: Path, user_overrides: list[str]) -> list[str]:
     return out
 
 
-def _launch_torchrun(nproc: int, argv: list[str]) -> int:
-    forwarded = []
-    skip = False
-    for i, item in enumerate(argv):
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
         if skip:
             skip = False
-            continue
-        if item == "--nproc":
+        elif item == "--nproc":
             skip = True
-            continue
-        if item.startswith("--nproc="):
-            continue
-        forwarded.append(item)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
+def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    """Validate here once, then start N workers on a run id chosen here, and report its outcome."""
+    if args.nproc < 1 or MICRO_BATCHES % args.nproc:
+        raise ConfigError(f"--nproc {args.nproc}: use 1, 2, 4 or 8 processes (they must divide the 8 micro-batches)")
+    forwarded = _without_nproc(argv)
+    if args.resume:
+        from pgolf.runs import find_run_dir
+
+        run_dir = find_run_dir(args.resume)
+    else:
+        from pgolf.runs import new_run_id
+
+        cfg, _, _ = _resolve(args)
+        run_id = cfg.run.run_id or new_run_id(cfg)
+        run_dir = Path(cfg.run.runs_dir) / run_id
+        if run_dir.exists():
+            raise ConfigError(f"run directory {run_dir} already exists; choose another run.run_id")
+        forwarded.append(f"run.run_id={run_id}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "pgolf", *forwarded]
     print("launching: " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    code = subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        status = json.loads(summary_path.read_text(encoding="utf-8")).get("status")
+        return STATUS_EXIT_CODES.get(status, EXIT_FAILED)
+    return code or EXIT_FAILED
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.nproc is not None and "RANK" not in os.environ:
-        return _launch_torchrun(args.nproc, argv)
+        return _launch_torchrun(args, argv)
     from pgolf.train import run_training
 
     if args.resume:
-        # The run's saved config is used as it was; only its location comes from here.
+        if args.overrides or args.config or args.data:
+            raise ConfigError("--resume continues a run with its saved config exactly; it takes no --config, "
+                              "--data or overrides (start a new run to change settings)")
         summary = run_training(Config(), resume=args.resume)
     else:
         cfg, applied, preset = _resolve(args)
         summary = run_training(cfg, preset=preset, env_applied=applied)
-    status = summary.get("status")
-    if status == "over_cap":
-        return EXIT_OVER_CAP
-    return 0 if status == "done" else EXIT_FAILED
+    if os.environ.get(LAUNCHED_ENV):
+        return 0
+    return STATUS_EXIT_CODES.get(summary.get("status"), EXIT_FAILED)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -158,14 +188,20 @@ def cmd_data(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    is_main_rank = os.environ.get("RANK", "0") == "0"
     try:
         if args.command == "train":
             return cmd_train(args, argv)
         if args.command == "config":
             return cmd_config(args)
         return cmd_data(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:
-        print(f"pgolf {args.command}: error: {exc}", file=sys.stderr)
+        if is_main_rank:  # under torchrun every rank fails alike; say it once
+            print(f"pgolf {args.command}: error: {exc}", file=sys.stderr)
+        if os.environ.get(LAUNCHED_ENV):
+            return 0  # the launcher reports it
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
 
 

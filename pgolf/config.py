@@ -164,6 +164,9 @@ OFFICIAL_ENV_VARS: dict[str, str] = {
 
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "smoke"
+# With official environment variables set (an official run command), the defaults are the
+# official baseline's, as in train_gpt.py, not the smoke run's.
+OFFICIAL_DEFAULT_PRESET = "baseline"
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -240,9 +243,20 @@ def apply_overrides(config: Config, overrides: list[str]) -> None:
         set_key(config, key.strip(), value.strip())
 
 
+def official_env_present(env: Mapping[str, str]) -> bool:
+    return any(var in env for var in OFFICIAL_ENV_VARS)
+
+
 def apply_env(config: Config, env: Mapping[str, str]) -> list[str]:
-    """Apply the official environment variables present in env; return those applied."""
+    """Apply the official environment variables present in env; return those applied.
+
+    DATA_PATH means what it means to train_gpt.py: a folder of fineweb_train_*.bin and
+    fineweb_val_*.bin shards."""
     applied = []
+    if "DATA_PATH" in env:
+        config.data.source = "shards"
+        config.data.train_pattern = DataConfig.train_pattern
+        config.data.val_pattern = DataConfig.val_pattern
     for var, key in OFFICIAL_ENV_VARS.items():
         if var in env:
             try:
@@ -286,10 +300,11 @@ def resolve_config(
     env: Mapping[str, str] | None = None,
 ) -> tuple[Config, list[str]]:
     """Build the run config; returns it and the official env vars that were applied."""
+    env = os.environ if env is None else env
     config = Config()
     if preset:
         load_preset(config, preset)
-    applied = apply_env(config, os.environ if env is None else env)
+    applied = apply_env(config, env)
     apply_overrides(config, overrides or [])
     validate(config)
     return config, applied
@@ -304,6 +319,14 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 def validate(config: Config) -> None:
     m, t = config.model, config.train
     problems = []
+    for key in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult"):
+        if getattr(m, key) <= 0:
+            problems.append(f"model.{key} must be positive")
+    for key in ("train_seq_len", "train_batch_tokens", "val_batch_size"):
+        if getattr(t, key) <= 0:
+            problems.append(f"train.{key} must be positive")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     if m.model_dim % m.num_heads:
         problems.append(f"model.model_dim={m.model_dim} must be divisible by model.num_heads={m.num_heads}")
     elif (m.model_dim // m.num_heads) % 2:
@@ -317,10 +340,30 @@ def validate(config: Config) -> None:
             f"train.train_batch_tokens={t.train_batch_tokens} must be a multiple of 8 x train.train_seq_len"
             f"={8 * t.train_seq_len} (it is split over 8 micro-batches: world size x gradient accumulation)"
         )
+    if t.val_batch_size // 8 < t.train_seq_len:
+        problems.append(
+            f"train.val_batch_size={t.val_batch_size} must give every one of the 8 micro-batches at least one "
+            f"sequence: set it to at least 8 x train.train_seq_len = {8 * t.train_seq_len}"
+        )
     if not 0.0 <= t.warmdown_frac <= 1.0:
         problems.append("train.warmdown_frac must be within [0, 1]")
     if config.data.source not in ("shards", "synthetic"):
         problems.append(f"data.source must be 'shards' or 'synthetic', got '{config.data.source}'")
+    elif config.data.source == "synthetic" and config.data.tokenizer_path not in ("byte260", "byte"):
+        problems.append(
+            f"data.source=synthetic is a byte-level corpus and needs data.tokenizer_path=byte260, not "
+            f"'{config.data.tokenizer_path}'; for shards made with that tokenizer set data.source=shards"
+        )
+    from pgolf.artifact import COMPRESSORS, ArtifactError, zstd_module  # the export stage owns the list
+
+    if config.export.compressor not in COMPRESSORS:
+        problems.append(f"export.compressor must be one of {', '.join(sorted(COMPRESSORS))}, "
+                        f"got '{config.export.compressor}'")
+    elif config.export.compressor == "zstd":
+        try:
+            zstd_module()
+        except ArtifactError as exc:
+            problems.append(str(exc))
     if t.device not in ("auto", "cpu", "cuda"):
         problems.append("train.device must be auto, cpu or cuda")
     if t.compile not in ("auto", "on", "off"):

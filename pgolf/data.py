@@ -146,6 +146,16 @@ def _as_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
     return files
 
 
+def check_token_range(tokens: np.ndarray | torch.Tensor, vocab_size: int, source: object) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer/model vocab mismatch)."""
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise ShardError(
+            f"{source}: holds token id {int(tokens.max())} but model.vocab_size={vocab_size}; these shards "
+            f"were made with a larger tokenizer: set model.vocab_size (VOCAB_SIZE) and data.tokenizer_path "
+            f"to match them, or point data.data_path at shards made with this tokenizer"
+        )
+
+
 # ---------------------------------------------------------------------------
 # Streaming
 # ---------------------------------------------------------------------------
@@ -158,14 +168,18 @@ class TokenStream:
     exact next token.
     """
 
-    def __init__(self, files: str | os.PathLike | Sequence[str | os.PathLike], *, mmap: bool = False):
+    def __init__(self, files: str | os.PathLike | Sequence[str | os.PathLike], *, mmap: bool = False,
+                 vocab_size: int | None = None):
         self.files = _as_files(files)
         self.mmap = mmap
+        self.vocab_size = vocab_size
         self._load(0)
 
     def _load(self, index: int) -> None:
         self.file_index = index
         self.tokens = read_shard(self.files[index], mmap=self.mmap)
+        if self.vocab_size is not None:
+            check_token_range(self.tokens, self.vocab_size, self.files[index])
         self.position = 0
 
     def take(self, n: int) -> np.ndarray:
@@ -236,12 +250,13 @@ class DistributedTokenLoader:
         rank: int = 0,
         world_size: int = 1,
         device: str | torch.device = "cpu",
+        vocab_size: int | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.stream = TokenStream(files)
+        self.stream = TokenStream(files, vocab_size=vocab_size)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         local_tokens = global_tokens // (self.world_size * grad_accum_steps)

@@ -40,12 +40,33 @@ class DistInfo:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def any_true(self, flag: bool) -> bool:
+    def max_all(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over ranks, in one collective (identity on one process)."""
         if not self.distributed:
-            return flag
-        t = torch.tensor(int(flag), device=self.device)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return t.tolist()
+
+    def main_only(self, fn, *args, **kwargs):
+        """Run fn on rank 0 and hand its result to every rank; if it raises, every rank raises
+        the same error (instead of the other ranks waiting forever in the next collective)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:  # re-raised below, on every rank
+                error = exc
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return result
+        result, message = self.broadcast_object((result, None if error is None else str(error)))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"rank 0 failed: {message}")
+        return result
 
 
 def pick_device(preference: str, local_rank: int) -> torch.device:

@@ -28,14 +28,18 @@ def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
     """Rank 0 writes the artifact; every rank reloads it from disk and scores it."""
     info = trainer.info
     path = run_dir / ARTIFACT_NAME
-    if info.is_main:
+
+    def write() -> None:
         qdict, stats = quantize_state_dict(trainer.base_model.state_dict(), scheme="int8")
         meta = {"run_id": run_dir.name, "config": cfg.to_dict(), "scheme": "int8"}
         blob = pack_artifact(qdict, meta=meta, compressor=cfg.export.compressor)
-        write_artifact(path, blob)
+        # The run directory belongs to this run alone; an artifact already in it is a stale one
+        # from an attempt that stopped before finishing (a resumed run replaces it).
+        write_artifact(path, blob, overwrite=True)
         logger.log(f"export: int8 + {cfg.export.compressor}: {len(blob):,} bytes "
                    f"({stats.param_count:,} params, payload {stats.payload_bytes:,} bytes before compression)")
-    info.barrier()
+
+    info.main_only(write)
     report = size_report(path.stat().st_size)
     qdict, _meta = read_artifact(path)
     state = {k: v.to(info.device) for k, v in dequantize_state_dict(qdict).items()}

@@ -80,6 +80,9 @@ class RunLogger:
         self.enabled = enabled
         self.console = console
         self.status_hook = None  # set by a progress display to print above its bar
+        if enabled and run_dir is not None:
+            for name in ("metrics.jsonl", "train.log"):
+                _end_with_newline(run_dir / name)
 
     def log(self, message: str, console: bool = True) -> None:
         if not self.enabled:
@@ -106,8 +109,24 @@ class RunLogger:
                     f.write("ERROR: " + message + "\n")
 
 
+def _end_with_newline(path: Path) -> None:
+    """A process killed mid-write leaves a partial last line; later records start afresh."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's events; a line cut short by a killed process is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -297,7 +298,10 @@ def write_synthetic_corpus(
             "optimal_bpb is the exact expectation for the ideal predictor with full document context"
         ),
     }
-    (out / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    # Written last and atomically: its presence marks a complete corpus.
+    tmp = out / "synthetic.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "synthetic.json")
     return meta
 
 
@@ -318,8 +322,11 @@ def ensure_synthetic_corpus(data_cfg, log=print) -> dict[str, Any]:
                 f"{out} holds a synthetic corpus made with {found}, but the config asks for {wanted}; "
                 f"delete {out} or point data.data_path at another directory")
     else:
-        log(f"data: generating the synthetic order-2 Markov corpus into {out} ...")
-        meta = write_synthetic_corpus(out, wanted["train"], wanted["val"], seed=wanted["seed"])
+        # Shards without synthetic.json are an interrupted generation of ours: replace them.
+        partial = sorted(p.name for p in out.glob("synthetic_*.bin")) if out.is_dir() else []
+        log(f"data: generating the synthetic order-2 Markov corpus into {out} ..."
+            + (f" (replacing the incomplete {', '.join(partial)})" if partial else ""))
+        meta = write_synthetic_corpus(out, wanted["train"], wanted["val"], seed=wanted["seed"], overwrite=bool(partial))
     log(f"data: synthetic source entropy rate {meta['entropy_rate_bits']:.4f} bits/byte "
         f"(no model can score a val_bpb below it, up to sampling noise)")
     return meta

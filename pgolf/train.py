@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pgolf.artifact import ArtifactError, check_size
 from pgolf.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from pgolf.config import Config, config_from_dict
-from pgolf.data import DistributedTokenLoader, load_validation_tokens, resolve_shards
+from pgolf.data import (DistributedTokenLoader, check_token_range, load_validation_tokens, read_shard_header,
+                        resolve_shards)
 from pgolf.distributed import DistInfo, setup_distributed, teardown_distributed
 from pgolf.evaluate import EvalResult, autocast_for, evaluate_bpb
 from pgolf.export import export_and_roundtrip, size_to_dict
@@ -51,14 +52,15 @@ def prepare_data(cfg: Config, info: DistInfo, logger: RunLogger) -> TrainData:
     if cfg.data.source == "synthetic":
         from pgolf.synthetic import ensure_synthetic_corpus
 
-        if info.is_main:
-            ensure_synthetic_corpus(cfg.data, log=logger.log)
-        info.barrier()
+        info.main_only(ensure_synthetic_corpus, cfg.data, log=logger.log)
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     check_vocab(tokenizer, cfg.model.vocab_size)
     train_files = resolve_shards(cfg.train_files())
+    for path in train_files:  # a corrupt shard fails now, not minutes into the run
+        read_shard_header(path)
     seq_len = cfg.train.train_seq_len
     val_tokens = load_validation_tokens(cfg.val_files(), seq_len)
+    check_token_range(val_tokens, cfg.model.vocab_size, f"validation shards {cfg.val_files()}")
     total = val_tokens.numel() - 1
     if cfg.train.val_max_tokens and cfg.train.val_max_tokens < total:
         usable = max(cfg.train.val_max_tokens // seq_len, 1) * seq_len
@@ -107,7 +109,8 @@ class Trainer:
         self.optimizers: Optimizers = build_optimizers(self.base_model, cfg.optim, info.device)
         if compiled:
             self.optimizers.muon.orthogonalize = torch.compile(orthogonalize)
-        self.loader = DistributedTokenLoader(data.train_files, info.rank, info.world_size, info.device)
+        self.loader = DistributedTokenLoader(data.train_files, info.rank, info.world_size, info.device,
+                                             vocab_size=cfg.model.vocab_size)
         self.step = 0
         self.training_time_ms = 0.0
 
@@ -179,6 +182,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class TrainClock:
+    """Training wall time: runs during steps, paused for validation and checkpoints.
+
+    Readings are taken after the device finished its queued work and maximised over ranks,
+    so every rank derives the same learning-rate scale and stop decision from the same time."""
+
+    def __init__(self, info: DistInfo, start_ms: float):
+        self.info = info
+        self.base_ms = start_ms
+        self.t0: float | None = None
+
+    def start(self) -> None:
+        _sync(self.info.device)
+        self.t0 = time.perf_counter()
+
+    def local_ms(self) -> float:
+        _sync(self.info.device)
+        return self.base_ms + (1000.0 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
+
+    def pause(self) -> float:
+        self.base_ms = self.info.max_all([self.local_ms()])[0]
+        self.t0 = None
+        return self.base_ms
+
+
+def load_resumable_config(run_dir: Path) -> Config:
+    summary_path = run_dir / "summary.json"
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    if summary.get("status") in ("done", "over_cap"):
+        raise RunError(f"run {run_dir} already finished; start a new run instead of resuming it")
+    return config_from_dict(read_json(run_dir / "config.json")["config"])
+
+
 def run_training(
     cfg: Config,
     *,
@@ -190,42 +226,45 @@ def run_training(
 ) -> dict:
     """Train, export and verify one run; returns its summary (also saved as summary.json).
 
+    With resume (a run id or directory) the run's saved config is used unchanged.
     interrupt_at_step stops the loop after that step as if the process were killed (tests).
     """
+    resume_dir = find_run_dir(resume, cfg.run.runs_dir) if resume else None
+    if resume_dir is not None:
+        cfg = load_resumable_config(resume_dir)
     info = setup_distributed(cfg.train.device)
     try:
-        return _run(cfg, info, resume, preset, env_applied or [], interrupt_at_step, console)
+        configure_backends(info.device)
+        run_dir = resume_dir or _create_run(cfg, info, preset, env_applied or [])
+        cfg.run.run_id = run_dir.name
+        return _run(cfg, info, run_dir, resume_dir is not None, env_applied or [], interrupt_at_step, console)
     finally:
         teardown_distributed(info)
 
 
-def _open_run(cfg: Config, info: DistInfo, resume: str | None, preset, env_applied) -> tuple[Config, Path]:
-    if resume:
-        run_dir = find_run_dir(resume, cfg.run.runs_dir)
-        saved = read_json(run_dir / "config.json")
-        summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
-        if summary.get("status") == "done":
-            raise RunError(f"run {run_dir} already finished; start a new run instead of resuming it")
-        return config_from_dict(saved["config"]), run_dir
-    run_dir = None
-    if info.is_main:
+def _create_run(cfg: Config, info: DistInfo, preset, env_applied) -> Path:
+    def create() -> str:
         run_dir = create_run_dir(cfg)
         cfg.run.run_id = run_dir.name
         write_json(run_dir / "config.json", {"config": cfg.to_dict(), "preset": preset, "env": env_applied})
-    run_dir = Path(info.broadcast_object(str(run_dir)))
-    cfg.run.run_id = run_dir.name
-    return cfg, run_dir
+        return str(run_dir)
+
+    return Path(info.main_only(create))
 
 
-def _run(cfg, info: DistInfo, resume, preset, env_applied, interrupt_at_step, console) -> dict:
-    configure_backends(info.device)
-    cfg, run_dir = _open_run(cfg, info, resume, preset, env_applied)
+def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied, interrupt_at_step,
+         console) -> dict:
     logger = RunLogger(run_dir, enabled=info.is_main, console=console)
     summary_path = run_dir / "summary.json"
     if info.is_main:
         write_json(summary_path, {"status": "running", "run_id": run_dir.name})
     try:
-        return _train_export(cfg, info, run_dir, logger, resume, env_applied, interrupt_at_step)
+        return _train_export(cfg, info, run_dir, logger, resumed, env_applied, interrupt_at_step)
+    except KeyboardInterrupt:
+        if info.is_main:
+            write_json(summary_path, {"status": "interrupted", "run_id": run_dir.name})
+            logger.error(_interrupted_message(run_dir))
+        raise
     except Exception as exc:
         if info.is_main:
             write_json(summary_path, {"status": "failed", "run_id": run_dir.name, "error": str(exc)})
@@ -233,10 +272,15 @@ def _run(cfg, info: DistInfo, resume, preset, env_applied, interrupt_at_step, co
         raise
 
 
-def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resume, env_applied,
+def _interrupted_message(run_dir: Path) -> str:
+    last = latest_checkpoint(run_dir / "checkpoints")
+    return (f"interrupted; continue from {last.name} with `pgolf train --resume {run_dir}`" if last
+            else "interrupted before any checkpoint was written (set train.checkpoint_every to make runs resumable)")
+
+
+def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed: bool, env_applied,
                   interrupt_at_step) -> dict:
     summary_path = run_dir / "summary.json"
-    tcfg = cfg.train
     logger.log(f"run: {run_dir}  device: {info.device}  world_size: {info.world_size}  "
                f"grad_accum_steps: {info.grad_accum_steps}")
     if env_applied:
@@ -247,16 +291,14 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resume,
                f"dim: {cfg.model.model_dim}  heads: {cfg.model.num_heads}/{cfg.model.num_kv_heads}  "
                f"compile: {trainer.fast_model is not trainer.base_model}")
     ckpt_dir = run_dir / "checkpoints"
-    if resume:
+    trainer.warmup(cfg.train.warmup_steps)
+    if resumed:
         path = latest_checkpoint(ckpt_dir)
         if path is None:
             raise RunError(f"run {run_dir} has no checkpoint to resume from; it must be started again")
-        trainer.warmup(tcfg.warmup_steps)
         trainer.restore(load_checkpoint(path, info.rank, info.world_size, map_location=info.device))
         logger.log(f"resumed from {path.name} at step {trainer.step} ({trainer.training_time_ms:.0f} ms trained)")
         logger.event("resume", step=trainer.step, checkpoint=path.name)
-    else:
-        trainer.warmup(tcfg.warmup_steps)
 
     status, stop_reason = _loop(trainer, cfg, info, logger, ckpt_dir, interrupt_at_step)
     summary = {"status": status, "run_id": run_dir.name, "steps": trainer.step,
@@ -266,9 +308,9 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resume,
             write_json(summary_path, summary)
         return summary
 
+    _save_checkpoint(trainer, ckpt_dir, logger)
     pre = trainer.validate()
     logger.log(f"final pre-quant val_loss:{pre.val_loss:.4f} val_bpb:{pre.val_bpb:.4f}")
-    save_checkpoint(ckpt_dir, trainer.checkpoint(), info.rank, info.barrier)
     result = export_and_roundtrip(trainer, cfg, run_dir, logger)
     summary.update(
         status="done" if result.size.fits else "over_cap",
@@ -284,37 +326,48 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resume,
     return summary
 
 
+def _save_checkpoint(trainer: Trainer, ckpt_dir: Path, logger: RunLogger) -> None:
+    """Save only finite weights, so the latest checkpoint is always a good one."""
+    finite = torch.stack([torch.isfinite(p).all() for p in trainer.base_model.parameters()]).all()
+    if not trainer.info.max_all([float(not bool(finite))])[0] == 0.0:
+        raise TrainingDiverged(_divergence_message(trainer.step, "the weights became non-finite", ckpt_dir))
+    path = save_checkpoint(ckpt_dir, trainer.checkpoint(), trainer.info.rank, trainer.info.barrier)
+    trainer.info.barrier()  # every rank continues only once the checkpoint is complete
+    logger.event("checkpoint", step=trainer.step, path=path.name)
+
+
 def _loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt_dir: Path,
           interrupt_at_step: int | None) -> tuple[str, str]:
     tcfg = cfg.train
     cap_ms = 1000.0 * tcfg.max_wallclock_seconds if tcfg.max_wallclock_seconds > 0 else None
     progress = TrainProgress(tcfg.iterations, enabled=info.is_main and logger.console, logger=logger)
-    stop_reason = "iterations"
-    _sync(info.device)
-    t0 = time.perf_counter()
+    clock = TrainClock(info, trainer.training_time_ms)
+    now_ms = trainer.training_time_ms
     try:
         with progress:
-            while trainer.step < tcfg.iterations:
+            clock.start()
+            while True:
+                if trainer.step >= tcfg.iterations:
+                    stop_reason = "iterations"
+                    break
+                if cap_ms is not None and now_ms >= cap_ms:
+                    stop_reason = "wallclock_cap"
+                    break
                 if tcfg.val_loss_every > 0 and trainer.step % tcfg.val_loss_every == 0:
-                    _sync(info.device)
-                    trainer.training_time_ms += 1000.0 * (time.perf_counter() - t0)
+                    trainer.training_time_ms = now_ms = clock.pause()
                     res = trainer.validate()
                     logger.log(f"step:{trainer.step}/{tcfg.iterations} val_loss:{res.val_loss:.4f} "
-                               f"val_bpb:{res.val_bpb:.4f} train_time:{trainer.training_time_ms:.0f}ms")
-                    logger.event("val", step=trainer.step, train_time_ms=trainer.training_time_ms, **res.to_dict())
-                    _sync(info.device)
-                    t0 = time.perf_counter()
-                elapsed = trainer.training_time_ms + 1000.0 * (time.perf_counter() - t0)
-                scale = lr_scale(trainer.step, elapsed, tcfg)
-                loss = trainer.train_step(scale)
-                loss_value = loss.item()
+                               f"val_bpb:{res.val_bpb:.4f} train_time:{now_ms:.0f}ms")
+                    logger.event("val", step=trainer.step, train_time_ms=now_ms, **res.to_dict())
+                    clock.start()
+                scale = lr_scale(trainer.step, now_ms, tcfg)
+                loss_value = trainer.train_step(scale).item()
                 trainer.step += 1
-                if info.any_true(not math.isfinite(loss_value)):
-                    _sync(info.device)
-                    trainer.training_time_ms += 1000.0 * (time.perf_counter() - t0)
-                    raise TrainingDiverged(_divergence_message(trainer.step, loss_value, ckpt_dir))
-                _sync(info.device)
-                now_ms = trainer.training_time_ms + 1000.0 * (time.perf_counter() - t0)
+                # One collective per step: the shared clock reading and any rank's divergence.
+                now_ms, diverged = info.max_all([clock.local_ms(), float(not math.isfinite(loss_value))])
+                trainer.training_time_ms = now_ms
+                if diverged:
+                    raise TrainingDiverged(_divergence_message(trainer.step, f"loss became {loss_value}", ckpt_dir))
                 progress.update(trainer.step, loss_value, now_ms)
                 if tcfg.train_log_every > 0 and (trainer.step <= 10 or trainer.step % tcfg.train_log_every == 0):
                     logger.log(f"step:{trainer.step}/{tcfg.iterations} train_loss:{loss_value:.4f} "
@@ -322,41 +375,27 @@ def _loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt
                     logger.event("train", step=trainer.step, train_loss=loss_value, train_time_ms=now_ms,
                                  lr_scale=scale)
                 if tcfg.checkpoint_every > 0 and trainer.step % tcfg.checkpoint_every == 0:
-                    trainer.training_time_ms = now_ms
-                    path = save_checkpoint(ckpt_dir, trainer.checkpoint(), info.rank, info.barrier)
-                    logger.event("checkpoint", step=trainer.step, path=path.name)
-                    t0 = time.perf_counter()
-                    now_ms = trainer.training_time_ms
+                    trainer.training_time_ms = now_ms = clock.pause()
+                    _save_checkpoint(trainer, ckpt_dir, logger)
+                    clock.start()
                 if interrupt_at_step is not None and trainer.step >= interrupt_at_step:
-                    trainer.training_time_ms = now_ms
                     return "interrupted", "interrupt_at_step"
-                if info.any_true(cap_ms is not None and now_ms >= cap_ms):
-                    stop_reason = "wallclock_cap"
-                    break
-    except KeyboardInterrupt:
-        last = latest_checkpoint(ckpt_dir)
-        logger.error(f"interrupted at step {trainer.step}; " + (
-            f"continue from {last.name} with `pgolf train --resume {ckpt_dir.parent}`" if last
-            else "no checkpoint was written (set train.checkpoint_every to make runs resumable)"))
-        return "interrupted", "keyboard_interrupt"
     except TrainingDiverged as exc:
         logger.error(str(exc))
         return "failed", "non_finite_loss"
-    _sync(info.device)
-    trainer.training_time_ms += 1000.0 * (time.perf_counter() - t0)
+    trainer.training_time_ms = clock.pause()
     if stop_reason == "wallclock_cap":
         logger.log(f"stopping_early: wallclock_cap train_time:{trainer.training_time_ms:.0f}ms "
                    f"step:{trainer.step}/{tcfg.iterations}")
     return "trained", stop_reason
 
 
-def _divergence_message(step: int, loss: float, ckpt_dir: Path) -> str:
+def _divergence_message(step: int, what: str, ckpt_dir: Path) -> str:
     last = latest_checkpoint(ckpt_dir)
-    where = (f"the last good checkpoint {last} is kept; lower the learning rates or set "
-             f"train.grad_clip_norm, then resume with `pgolf train --resume {ckpt_dir.parent}`" if last
-             else "no checkpoint had been written (train.checkpoint_every=0); lower the learning rates "
-                  "or set train.grad_clip_norm and start again")
-    return f"training stopped: loss became {loss} at step {step}; {where}"
+    fix = "lower the learning rates or set train.grad_clip_norm and start a new run"
+    where = (f"the last good checkpoint {last} is kept (its weights are finite); {fix}" if last
+             else f"no checkpoint had been written (train.checkpoint_every=0); {fix}")
+    return f"training stopped: {what} at step {step}; {where}"
 
 
 def _print_final(logger: RunLogger, summary: dict, trainer: Trainer, cfg: Config, result) -> None:

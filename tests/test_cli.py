@@ -39,3 +39,36 @@ def test_wallclock_cap_stops_training(tmp_path):
     summary = run_training(cfg, console=False)
     assert summary["status"] == "done" and summary["stop_reason"] == "wallclock_cap"
     assert 0 < summary["steps"] < 100000 and summary["train_time_ms"] >= 500
+
+
+def test_resume_takes_no_overrides(capsys):
+    assert cli_main(["train", "--resume", "whatever", "train.iterations=5"]) == 2
+    assert "saved config exactly" in capsys.readouterr().err
+
+
+def test_official_env_command_uses_baseline_defaults_and_shards(monkeypatch, capsys):
+    monkeypatch.setenv("DATA_PATH", "/data/fineweb10B_sp1024")
+    monkeypatch.setenv("NUM_LAYERS", "11")
+    assert cli_main(["config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    cfg = printed["config"]
+    assert printed["preset"] == "baseline"
+    assert cfg["data"]["source"] == "shards" and cfg["data"]["train_pattern"] == "fineweb_train_*.bin"
+    assert cfg["model"]["num_layers"] == 11 and cfg["model"]["vocab_size"] == 1024
+    # DATA_PATH also turns a synthetic preset into a shard run, as train_gpt.py would read it.
+    assert cli_main(["config", "--config", "smoke"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["data"]["source"] == "shards"
+
+
+def test_bad_settings_fail_before_training(capsys):
+    for override, message in (("export.compressor=zst", "export.compressor must be one of"),
+                              ("model.num_heads=0", "model.num_heads must be positive"),
+                              ("train.val_batch_size=512", "train.val_batch_size=512 must give"),
+                              ("data.tokenizer_path=x.model", "data.source=synthetic is a byte-level corpus")):
+        assert cli_main(["train", override]) == 2, override
+        assert message in capsys.readouterr().err
+
+
+def test_nproc_must_divide_eight(capsys):
+    assert cli_main(["train", "--nproc", "3"]) == 2
+    assert "use 1, 2, 4 or 8 processes" in capsys.readouterr().err

@@ -177,3 +177,33 @@ def test_compiled_path_matches_eager(tmp_path):
     compiled = run_training(tiny_config(tmp_path, "train.iterations=3", "run.run_id=compiled", "train.compile=on"),
                             console=False)
     assert compiled["pre_quant"]["val_loss"] == pytest.approx(eager["pre_quant"]["val_loss"], abs=1e-3)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared FineWeb sample not present")
+def test_shards_from_a_larger_tokenizer_are_refused(tmp_path):
+    from pgolf.data import ShardError
+
+    cfg, _ = resolve_config(None, [f"data.data_path={SHARED}", "data.tokenizer_path=byte260", "model.vocab_size=260",
+                                   f"run.runs_dir={tmp_path}", *TINY_MODEL, *TINY_TRAIN], env={})
+    with pytest.raises(ShardError, match="holds token id 10.. but model.vocab_size=260"):
+        run_training(cfg, console=False)
+
+
+def test_corrupt_train_shard_is_found_before_training(tmp_path):
+    cfg = tiny_config(tmp_path, "train.iterations=1")
+    run_training(cfg, console=False)  # generates the corpus
+    shard = tmp_path / "corpus" / "synthetic_train_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    from pgolf.data import ShardError
+
+    with pytest.raises(ShardError, match="synthetic_train_000000.bin"):
+        run_training(tiny_config(tmp_path, "train.iterations=1"), console=False)
+
+
+def test_metrics_survive_a_line_cut_by_a_kill(tmp_path):
+    from pgolf.runs import RunLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"event": "train", "step": 1}\n{"event": "tra')
+    logger = RunLogger(tmp_path)
+    logger.event("resume", step=1)
+    assert [e["event"] for e in read_metrics(tmp_path)] == ["train", "resume"]
