@@ -1,4 +1,4 @@
-"""`pgolf` command line: train, data, config."""
+"""`pgolf` command line: train, eval, audit, data, config."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from pgolf.config import (DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, Config, ConfigError, official_env_present,
                           resolve_config)
 from pgolf.distributed import MICRO_BATCHES
+from pgolf.ttt import TTTConfig
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -42,6 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue a stopped run (run id or directory)")
     train.add_argument("--nproc", type=int, default=None,
                        help="launch N data-parallel processes with torchrun (1, 2, 4 or 8)")
+
+    ev = sub.add_parser("eval", help="score a run's artifact (standard, sliding window or score-first TTT)")
+    ev.add_argument("target", help="a run directory (runs/<id>) or an artifact file (.pgolf)")
+    ev.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: seq_len, standard)")
+    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's train_seq_len)")
+    ev.add_argument("--batch", type=int, default=64, help="windows per forward pass per process (default 64)")
+    ev.add_argument("--max-tokens", type=int, default=0, help="score only the first N val tokens (0 = all)")
+    ev.add_argument("--live", action="store_true", help="score the run's last checkpoint, not the artifact")
+    ev.add_argument("--data", default=None, metavar="DIR", help="validation shards from DIR instead of the run's")
+    ev.add_argument("--receipt", default=None, help="where to write the receipt (default: the run's receipts/)")
+    ev.add_argument("--budget", type=float, default=600.0, help="evaluation budget in seconds (default 600)")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("--ttt", action="store_true", help="score-first test-time training")
+    ttt_defaults = TTTConfig()
+    ev.add_argument("--ttt-chunk", type=int, default=ttt_defaults.chunk_tokens, help="tokens per TTT chunk")
+    ev.add_argument("--ttt-lr", type=float, default=ttt_defaults.lr)
+    ev.add_argument("--ttt-momentum", type=float, default=ttt_defaults.momentum)
+    ev.add_argument("--ttt-epochs", type=int, default=ttt_defaults.epochs)
+    ev.add_argument("--ttt-freeze", type=int, default=ttt_defaults.freeze_blocks, help="freeze the first N blocks")
+    ev.add_argument("--ttt-clip", type=float, default=ttt_defaults.grad_clip, help="gradient-norm clip (0 = off)")
+    ev.add_argument("--ttt-batch", type=int, default=ttt_defaults.batch_seqs, help="sequences per TTT step")
+
+    audit = sub.add_parser("audit", help="re-check an evaluation receipt (legality of TTT, exact sums)")
+    audit.add_argument("receipt", help="a receipt JSON written by `pgolf eval` or `pgolf train`")
 
     config = sub.add_parser("config", help="print the resolved config as JSON")
     _add_config_args(config)
@@ -160,6 +186,36 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     return STATUS_EXIT_CODES.get(summary.get("status"), EXIT_FAILED)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pgolf.evalrun import EvalOptions, run_eval
+
+    ttt = None
+    if args.ttt:
+        ttt = TTTConfig(chunk_tokens=args.ttt_chunk, lr=args.ttt_lr, momentum=args.ttt_momentum,
+                        epochs=args.ttt_epochs, freeze_blocks=args.ttt_freeze, grad_clip=args.ttt_clip,
+                        batch_seqs=args.ttt_batch)
+    opts = EvalOptions(stride=args.stride, seq_len=args.seq_len, batch_windows=args.batch, max_tokens=args.max_tokens,
+                       ttt=ttt, live=args.live, data_dir=args.data, receipt_path=args.receipt,
+                       budget_seconds=args.budget, device=args.device)
+    result = run_eval(args.target, opts, log=(lambda *_: None) if args.json else print)
+    if args.json and os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from pgolf.receipt import AuditFailure, audit_file
+
+    try:
+        report = audit_file(args.receipt)
+    except AuditFailure as exc:
+        print(f"FAIL {args.receipt}: {exc}")
+        return EXIT_FAILED
+    print(f"OK {args.receipt}: {report.kind} val_bpb {report.val_bpb:.8f} val_loss {report.val_loss:.8f} over "
+          f"{report.scored_targets:,} targets, {report.updates} updates, each scored before any update used it")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg, applied, preset = _resolve(args)
     print(json.dumps({"preset": preset, "env": applied, "config": cfg.to_dict()}, indent=2))
@@ -194,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, argv)
         if args.command == "config":
             return cmd_config(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "audit":
+            return cmd_audit(args)
         return cmd_data(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

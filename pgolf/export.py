@@ -9,6 +9,7 @@ from pathlib import Path
 from pgolf.artifact import SizeReport, pack_artifact, read_artifact, size_report, write_artifact
 from pgolf.evaluate import EvalResult
 from pgolf.quant import dequantize_state_dict, quantize_state_dict
+from pgolf.receipt import Receipt, state_fingerprint, write_receipt
 
 ARTIFACT_NAME = "model.pgolf"
 
@@ -44,6 +45,14 @@ def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
     qdict, _meta = read_artifact(path)
     state = {k: v.to(info.device) for k, v in dequantize_state_dict(qdict).items()}
     trainer.base_model.load_state_dict(state, strict=True)
+    fingerprint = state_fingerprint(trainer.base_model)
     roundtrip = trainer.validate()
-    logger.event("final", size=size_to_dict(report), roundtrip=roundtrip.to_dict())
+    seq_len = cfg.train.train_seq_len
+    receipt = Receipt("standard", {"seq_len": seq_len, "stride": seq_len}, roundtrip.tokens, fingerprint)
+    receipt.add_score(0, roundtrip.tokens, fingerprint, roundtrip.loss_sum, roundtrip.tokens, roundtrip.bytes)
+    receipt.finalize()
+    receipt.info = {"source": f"artifact {path}", "world_size": info.world_size, "device": str(info.device)}
+    # A receipt left by an attempt that stopped before finishing is replaced, like the artifact.
+    receipt_path = info.main_only(write_receipt, run_dir / "receipts" / "roundtrip.json", receipt, overwrite=True)
+    logger.event("final", size=size_to_dict(report), roundtrip=roundtrip.to_dict(), receipt=str(receipt_path))
     return ExportResult(path, report, roundtrip)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pgolf.artifact import read_artifact
+from pgolf.receipt import audit_file
 from pgolf.cli import main as cli_main
 from pgolf.config import resolve_config
 from pgolf.runs import RunError, read_metrics
@@ -56,6 +57,9 @@ def test_run_directory_is_complete(tmp_path):
     qdict, meta = read_artifact(run_dir / "model.pgolf")
     assert meta["run_id"] == summary["run_id"] and "tok_emb.weight" in qdict
     assert abs(summary["roundtrip"]["val_bpb"] - summary["pre_quant"]["val_bpb"]) < 0.05
+    # The reported roundtrip number carries a receipt that the audit accepts.
+    report = audit_file(run_dir / "receipts" / "roundtrip.json")
+    assert report.val_bpb == summary["roundtrip"]["val_bpb"] and report.updates == 0
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared FineWeb sample not present")
