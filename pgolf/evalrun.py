@@ -7,7 +7,7 @@ a projection for the full validation split against the evaluation budget.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,7 +42,7 @@ class EvalOptions:
     receipt_path: str | None = None
     budget_seconds: float = DEFAULT_BUDGET_SECONDS
     device: str = "auto"
-    extra: dict = field(default_factory=dict)
+    compile: str = "auto"  # auto (on for CUDA) | on | off
 
 
 def load_target(target: str, live: bool) -> tuple[Config, dict, Path, str]:
@@ -112,6 +112,10 @@ def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOpt
     luts = tokenizer.byte_luts(cfg.model.vocab_size).to_torch(info.device)
     model = build_model(cfg.model, info.device)
     model.load_state_dict({k: v.to(info.device) for k, v in state.items()}, strict=True)
+    # The compiled module shares the parameters: TTT updates and fingerprints see the same weights.
+    scorer = model
+    if opts.compile == "on" or (opts.compile == "auto" and info.device.type == "cuda"):
+        scorer = torch.compile(model, dynamic=False)
     kind = "ttt" if opts.ttt else ("standard" if stride == seq_len else "sliding")
     log(f"eval: {source}; {kind}, seq_len {seq_len}, stride {stride}, {targets:,} of {full_targets:,} targets")
 
@@ -121,10 +125,11 @@ def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOpt
     if opts.ttt:
         sums, receipt = run_ttt(model, val_tokens, luts, seq_len, stride, opts.batch_windows, opts.ttt, info.device,
                                 info.rank, info.world_size,
-                                progress=lambda n, total, s: log(f"ttt chunk {n}/{total}") if n % 50 == 0 else None)
+                                progress=lambda n, total, s: log(f"ttt chunk {n}/{total}") if n % 50 == 0 else None,
+                                runner=scorer)
     else:
         receipt = Receipt(kind, {"seq_len": seq_len, "stride": stride}, targets, state_fingerprint(model))
-        sums = score_windows(model, val_tokens, window_plan(targets, seq_len, stride), luts, info.device,
+        sums = score_windows(scorer, val_tokens, window_plan(targets, seq_len, stride), luts, info.device,
                              opts.batch_windows, info.rank, info.world_size)
         receipt.add_score(0, targets, receipt.initial_state, sums.loss_sum, sums.tokens, sums.bytes)
         receipt.finalize()

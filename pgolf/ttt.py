@@ -45,7 +45,7 @@ def _trainable(model: GPT, freeze_blocks: int) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in frozen]
 
 
-def adapt_on_chunk(model: GPT, tokens: Tensor, lo: int, hi: int, seq_len: int, cfg: TTTConfig,
+def adapt_on_chunk(model: torch.nn.Module, tokens: Tensor, lo: int, hi: int, seq_len: int, cfg: TTTConfig,
                    optimizer: torch.optim.Optimizer, params: list, device: torch.device,
                    rank: int, world_size: int) -> None:
     """Train on tokens[lo..hi] (inputs lo..hi-1, targets lo+1..hi): already-scored tokens only."""
@@ -81,11 +81,14 @@ def adapt_on_chunk(model: GPT, tokens: Tensor, lo: int, hi: int, seq_len: int, c
 
 def run_ttt(model: GPT, tokens: Tensor, luts, seq_len: int, stride: int, batch_windows: int, cfg: TTTConfig,
             device: torch.device, rank: int = 0, world_size: int = 1, progress=None,
-            illegal_train_first: bool = False) -> tuple[ScoreSums, Receipt]:
+            illegal_train_first: bool = False, runner: torch.nn.Module | None = None) -> tuple[ScoreSums, Receipt]:
     """Score-first TTT over all targets of `tokens`; returns the sums and the receipt.
+
+    runner (e.g. torch.compile(model)) runs the forward passes; model owns the parameters.
 
     illegal_train_first adapts on each chunk *before* scoring it: a deliberately illegal variant
     that exists only so the audit can be shown to catch it. Never use it for a score."""
+    runner = model if runner is None else runner
     total = tokens.numel() - 1
     bounds = list(range(0, total, cfg.chunk_tokens)) + [total]
     num_chunks = len(bounds) - 1
@@ -103,7 +106,7 @@ def run_ttt(model: GPT, tokens: Tensor, luts, seq_len: int, stride: int, batch_w
         for group in optimizer.param_groups:
             group["lr"] = chunk_lr(cfg, n, num_chunks)
         before = state_fingerprint(model)
-        adapt_on_chunk(model, tokens, lo, hi, seq_len, cfg, optimizer, params, device, rank, world_size)
+        adapt_on_chunk(runner, tokens, lo, hi, seq_len, cfg, optimizer, params, device, rank, world_size)
         receipt.add_update(lo, hi, before, state_fingerprint(model))
 
     for n in range(num_chunks):
@@ -111,7 +114,7 @@ def run_ttt(model: GPT, tokens: Tensor, luts, seq_len: int, stride: int, batch_w
         if illegal_train_first:
             adapt(n, lo, hi)
         state = state_fingerprint(model)
-        part = score_windows(model, tokens, window_plan(total, seq_len, stride, lo, hi), luts, device,
+        part = score_windows(runner, tokens, window_plan(total, seq_len, stride, lo, hi), luts, device,
                              batch_windows, rank, world_size)
         sums.add(part)
         receipt.add_score(lo, hi, state, part.loss_sum, part.tokens, part.bytes)
