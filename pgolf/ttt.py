@@ -30,7 +30,7 @@ class TTTConfig:
     epochs: int = 3
     freeze_blocks: int = 0
     grad_clip: float = 1.0
-    batch_seqs: int = 32  # training sequences per adaptation step (per rank)
+    batch_seqs: int = 32  # training sequences per adaptation step (split over ranks)
 
 
 def chunk_lr(cfg: TTTConfig, chunk: int, num_chunks: int) -> float:
@@ -57,8 +57,10 @@ def adapt_on_chunk(model: torch.nn.Module, tokens: Tensor, lo: int, hi: int, seq
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
     model.train()
     for _ in range(cfg.epochs):
-        for b in range(0, n_seqs, cfg.batch_seqs * world_size):
-            mine = starts[b + rank * cfg.batch_seqs: b + (rank + 1) * cfg.batch_seqs]
+        for b in range(0, n_seqs, cfg.batch_seqs):
+            # A step is batch_seqs sequences whatever the number of ranks; each rank takes a share.
+            step = starts[b: b + cfg.batch_seqs]
+            mine = step[len(step) * rank // world_size: len(step) * (rank + 1) // world_size]
             optimizer.zero_grad(set_to_none=False)
             if mine:
                 idx = torch.tensor(mine, device=device)[:, None] + torch.arange(length + 1, device=device)[None, :]
@@ -66,8 +68,7 @@ def adapt_on_chunk(model: torch.nn.Module, tokens: Tensor, lo: int, hi: int, seq
                 with autocast_for(device):
                     loss = model(seqs[:, :-1], seqs[:, 1:], reduction="sum")
                 # Normalise by the whole step's token count so ranks average correctly.
-                step_tokens = len(starts[b: b + cfg.batch_seqs * world_size]) * length
-                (loss / step_tokens).backward()
+                (loss / (len(step) * length)).backward()
             if distributed:
                 for p in params:
                     if p.grad is None:
