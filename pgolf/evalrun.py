@@ -100,7 +100,9 @@ def run_eval(target: str, opts: EvalOptions, log=print) -> dict:
 
 def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOptions, info: DistInfo, log) -> dict:
     seq_len = opts.seq_len or cfg.train.train_seq_len
-    stride = opts.stride or seq_len
+    stride = seq_len if opts.stride is None else opts.stride
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"--stride must be within 1..{seq_len} (the window length), got {stride}")
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     check_vocab(tokenizer, cfg.model.vocab_size)
     val_tokens = load_validation_tokens(cfg.val_files(), seq_len)

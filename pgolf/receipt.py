@@ -28,19 +28,23 @@ from pgolf.tokenizer import bits_per_byte
 RECEIPT_FORMAT = "pgolf-eval-receipt/1"
 
 
-def state_fingerprint(model: nn.Module) -> str:
-    """A cheap, device-side digest of every parameter (any update changes it).
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-    Per tensor: the float64 sum, sum of squares, and a position-weighted sum; hashed together
-    with the names. Far cheaper than hashing the bytes, so it can run before every chunk."""
-    stats = []
+
+def state_fingerprint(model: nn.Module) -> str:
+    """A cheap, device-side digest of the exact bits of every parameter.
+
+    Per tensor: the int64 sums (wrapping) of each element's bit pattern, plain and weighted by
+    an odd position-dependent multiplier, hashed with the names. Any change of any bit, or any
+    reordering, changes it with overwhelming probability, at a fraction of hashing the bytes."""
+    rows = []
     with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            x = p.detach().reshape(-1).double()
-            weights = (torch.arange(x.numel(), device=x.device, dtype=torch.float64) % 1021) + 1
-            stats.append(torch.stack((x.sum(), (x * x).sum(), (x * weights).sum())))
+        for name, p in sorted(model.named_parameters()):
+            bits = p.detach().reshape(-1).contiguous().view(_INT_VIEW[p.element_size()]).long()
+            weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) * 0x9E3779B1 + 1
+            rows.append(torch.stack((bits.sum(), (bits * (weights | 1)).sum())))
     digest = hashlib.sha256()
-    for (name, _), values in zip(sorted(model.named_parameters()), torch.stack(stats).cpu().tolist()):
+    for (name, _), values in zip(sorted(model.named_parameters()), torch.stack(rows).cpu().tolist()):
         digest.update(name.encode())
         digest.update(json.dumps(values).encode())
     return digest.hexdigest()[:32]
@@ -112,17 +116,23 @@ class AuditReport:
 
 def audit_receipt(data: dict) -> AuditReport:
     """Re-check a receipt (as loaded from JSON); raise AuditFailure naming the first problem."""
+    if not isinstance(data, dict):
+        raise AuditFailure(f"not a pgolf evaluation receipt (a JSON {type(data).__name__}, not an object)")
     body = {k: v for k, v in data.items() if k != "sha256"}
     if data.get("format") != RECEIPT_FORMAT:
         raise AuditFailure(f"not a pgolf evaluation receipt (format {data.get('format')!r})")
     if data.get("sha256") != _digest(body):
         raise AuditFailure("receipt content does not match its sha256: it was edited after it was written")
+    if data["total_targets"] <= 0:
+        raise AuditFailure("the receipt scores no targets")
     state = data["initial_state"]
     consumed_upto = -1  # highest token index any update so far has trained on
     covered = 0  # targets 1..covered are scored
     loss_sum, tokens, nbytes, updates = 0.0, 0, 0, 0
     for i, e in enumerate(data["events"]):
         if e["type"] == "update":
+            if data["kind"] != "ttt":
+                raise AuditFailure(f"event {i}: a {data['kind']} evaluation must not update the model")
             if e["before"] != state:
                 raise AuditFailure(f"event {i}: update starts from state {e['before']} but the model was {state}")
             state = e["after"]
@@ -130,6 +140,8 @@ def audit_receipt(data: dict) -> AuditReport:
             updates += 1
         elif e["type"] == "score":
             lo, hi = e["lo"], e["hi"]
+            if not lo < hi <= data["total_targets"]:
+                raise AuditFailure(f"event {i}: ({lo}, {hi}] is not a target range within 1..{data['total_targets']}")
             if e["state"] != state:
                 raise AuditFailure(f"event {i}: targets ({lo}, {hi}] were scored by state {e['state']}, "
                                    f"which no recorded update produced (current state {state})")
@@ -154,16 +166,21 @@ def audit_receipt(data: dict) -> AuditReport:
     if (totals["loss_sum"], totals["tokens"], totals["bytes"]) != (loss_sum, tokens, nbytes):
         raise AuditFailure(f"reported totals {totals['loss_sum']}, {totals['tokens']}, {totals['bytes']} differ "
                            f"from the events' sums {loss_sum}, {tokens}, {nbytes}")
-    bpb = bits_per_byte(loss_sum, tokens, nbytes)
+    try:
+        bpb = bits_per_byte(loss_sum, tokens, nbytes)
+    except ValueError as exc:
+        raise AuditFailure(f"the sums give no val_bpb: {exc}") from None
     if not math.isclose(totals["val_bpb"], bpb, rel_tol=1e-12):
         raise AuditFailure(f"reported val_bpb {totals['val_bpb']} differs from the sums' {bpb}")
+    if not math.isclose(totals["val_loss"], loss_sum / tokens, rel_tol=1e-12):
+        raise AuditFailure(f"reported val_loss {totals['val_loss']} differs from the sums' {loss_sum / tokens}")
     return AuditReport(data["kind"], bpb, loss_sum / tokens, tokens, updates)
 
 
 def audit_file(path: str | Path) -> AuditReport:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError covers bad JSON and bad UTF-8
         raise AuditFailure(f"cannot read receipt {path}: {exc}") from None
     try:
         return audit_receipt(data)
