@@ -96,6 +96,16 @@ class ExportConfig:
 
 
 @dataclass
+class QATConfig:
+    enabled: bool = False
+    # Switch on once this fraction of the wall-clock budget (or of the iterations) has passed.
+    start_frac: float = 0.85
+    bits: int = 6
+    mode: str = "ste"  # ste | noise
+    pattern: str = r"^blocks\."  # regex over parameter names of the linear layers it applies to
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     runs_dir: str = "runs"
@@ -109,6 +119,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -364,6 +375,13 @@ def validate(config: Config) -> None:
             zstd_module()
         except ArtifactError as exc:
             problems.append(str(exc))
+    q = config.qat
+    if q.mode not in ("ste", "noise"):
+        problems.append(f"qat.mode must be 'ste' or 'noise', got '{q.mode}'")
+    if not 2 <= q.bits <= 8:
+        problems.append(f"qat.bits must be within 2..8, got {q.bits}")
+    if not 0.0 <= q.start_frac < 1.0:
+        problems.append("qat.start_frac must be within [0, 1)")
     if t.device not in ("auto", "cpu", "cuda"):
         problems.append("train.device must be auto, cpu or cuda")
     if t.compile not in ("auto", "on", "off"):

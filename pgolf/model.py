@@ -29,9 +29,11 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
+        self.weight_transform = None  # quantization-aware training hook (pgolf.qat)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight if self.weight_transform is None else self.weight_transform(self.weight)
+        return F.linear(x, w.to(x.dtype))
 
 
 def rms_norm(x: Tensor) -> Tensor:

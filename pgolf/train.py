@@ -30,6 +30,7 @@ from pgolf.export import export_and_roundtrip, size_to_dict
 from pgolf.model import GPT, build_model, count_parameters
 from pgolf.optim import Optimizers, build_optimizers, muon_momentum_at, orthogonalize
 from pgolf.progress import TrainProgress
+from pgolf.qat import disable_qat, enable_qat, qat_suspended
 from pgolf.runs import RunError, RunLogger, create_run_dir, find_run_dir, read_json, write_json
 from pgolf.schedule import lr_scale
 from pgolf.tokenizer import check_vocab, load_tokenizer
@@ -162,6 +163,11 @@ class Trainer:
         self.optimizers.zero_grad()
 
     def validate(self) -> EvalResult:
+        """Score the weights themselves: quantization-aware-training hooks are off meanwhile."""
+        with qat_suspended(self.base_model):
+            return self._validate()
+
+    def _validate(self) -> EvalResult:
         return evaluate_bpb(self.fast_model, self.data.val_tokens, self.data.luts, self.cfg.train.train_seq_len,
                             self.cfg.train.val_batch_size // (self.info.world_size * self.info.grad_accum_steps),
                             self.info.device, self.info.rank, self.info.world_size)
@@ -308,6 +314,7 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
             write_json(summary_path, summary)
         return summary
 
+    disable_qat(trainer.base_model)  # the export quantizes for real from here on
     _save_checkpoint(trainer, ckpt_dir, logger)
     pre = trainer.validate()
     logger.log(f"final pre-quant val_loss:{pre.val_loss:.4f} val_bpb:{pre.val_bpb:.4f}")
@@ -343,6 +350,7 @@ def _loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt
     progress = TrainProgress(tcfg.iterations, enabled=info.is_main and logger.console, logger=logger)
     clock = TrainClock(info, trainer.training_time_ms)
     now_ms = trainer.training_time_ms
+    qat_pending = cfg.qat.enabled
     try:
         with progress:
             clock.start()
@@ -360,6 +368,11 @@ def _loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt
                                f"val_bpb:{res.val_bpb:.4f} train_time:{now_ms:.0f}ms")
                     logger.event("val", step=trainer.step, train_time_ms=now_ms, **res.to_dict())
                     clock.start()
+                if qat_pending and _progress(trainer.step, now_ms, cfg) >= cfg.qat.start_frac:
+                    n = enable_qat(trainer.base_model, cfg.qat.bits, cfg.qat.mode, cfg.qat.pattern)
+                    qat_pending = False
+                    logger.log(f"qat: {cfg.qat.mode} int{cfg.qat.bits} on {n} linear layers from step {trainer.step}")
+                    logger.event("qat", step=trainer.step, layers=n, bits=cfg.qat.bits, mode=cfg.qat.mode)
                 scale = lr_scale(trainer.step, now_ms, tcfg)
                 loss_value = trainer.train_step(scale).item()
                 trainer.step += 1
@@ -388,6 +401,13 @@ def _loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt
         logger.log(f"stopping_early: wallclock_cap train_time:{trainer.training_time_ms:.0f}ms "
                    f"step:{trainer.step}/{tcfg.iterations}")
     return "trained", stop_reason
+
+
+def _progress(step: int, elapsed_ms: float, cfg: Config) -> float:
+    """Fraction of training done: of the wall-clock budget when capped, else of the iterations."""
+    if cfg.train.max_wallclock_seconds > 0:
+        return elapsed_ms / (1000.0 * cfg.train.max_wallclock_seconds)
+    return step / max(cfg.train.iterations, 1)
 
 
 def _divergence_message(step: int, what: str, ckpt_dir: Path) -> str:
