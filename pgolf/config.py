@@ -92,7 +92,28 @@ class OptimConfig:
 
 @dataclass
 class ExportConfig:
-    compressor: str = "zlib"
+    compressor: str = "zlib"  # zlib (official) | zstd | lzma | brotli | auto (smallest)
+    # Default width of the large 2-D tensors: int8 is the official export (percentile clip);
+    # int6 / int5 / int4 quantize per row with an fp16 scale.
+    scheme: str = "int8"
+    # [[regex, bits | "fp16" | "fp32"], ...] over parameter names, first match wins, e.g.
+    # [["tok_emb", "fp16"], ["mlp", 5], ["attn", 6]]. On the command line: tok_emb:fp16,mlp:5
+    policy: list = field(default_factory=list)
+    clip_search: str = "auto"  # auto: for intN, not the official int8 | on | off
+    storage: str = "auto"  # packed | bytes | auto (smaller artifact)
+    layout: str = "auto"  # plain | grouped | auto (smaller artifact)
+    gptq: bool = False  # GPTQ with Hessians from training-data activations
+    gptq_seqs: int = 128  # calibration sequences (train_seq_len tokens each)
+    gptq_block: int = 128
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    # > 0: charge calibration + GPTQ to the wall-clock budget: training stops this many
+    # seconds early, and the run reports whether calibration + GPTQ fitted in them.
+    gptq_reserve_seconds: float = 0.0
+    # Let the allocator pick bits per tensor (8/6/5/4) to fit allocate_budget model bytes
+    # (0: 16,000,000 minus the code bytes), minimising Hessian-weighted quantization error.
+    allocate: bool = False
+    allocate_budget: int = 0
 
 
 @dataclass
@@ -208,6 +229,8 @@ def _coerce(value: Any, target_type: str, key: str) -> Any:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(str(value).replace("_", "")) if isinstance(value, str) else int(value)
+        if target_type == "list":
+            return _parse_list(value)
         if target_type == "float":
             if isinstance(value, bool):
                 raise ValueError(value)
@@ -215,6 +238,19 @@ def _coerce(value: Any, target_type: str, key: str) -> Any:
         return str(value)
     except ValueError:
         raise ConfigError(f"{key}: cannot read {value!r} as {target_type}") from None
+
+
+def _parse_list(value: Any) -> list:
+    """A TOML list as is; on the command line 'pattern:value,pattern:value' pairs."""
+    if isinstance(value, list):
+        return [list(item) if isinstance(item, (list, tuple)) else item for item in value]
+    items = []
+    for part in filter(None, (p.strip() for p in str(value).split(","))):
+        pattern, sep, spec = part.rpartition(":")
+        if not sep:
+            raise ValueError(value)
+        items.append([pattern, int(spec) if spec.isdigit() else spec])
+    return items
 
 
 def set_key(config: Config, dotted_key: str, value: Any) -> None:
@@ -365,16 +401,33 @@ def validate(config: Config) -> None:
             f"data.source=synthetic is a byte-level corpus and needs data.tokenizer_path=byte260, not "
             f"'{config.data.tokenizer_path}'; for shards made with that tokenizer set data.source=shards"
         )
-    from pgolf.artifact import COMPRESSORS, ArtifactError, zstd_module  # the export stage owns the list
+    from pgolf.artifact import COMPRESSOR_CHOICES, ArtifactError, check_compressor  # the export stage owns them
 
-    if config.export.compressor not in COMPRESSORS:
-        problems.append(f"export.compressor must be one of {', '.join(sorted(COMPRESSORS))}, "
+    if config.export.compressor not in COMPRESSOR_CHOICES:
+        problems.append(f"export.compressor must be one of {', '.join(COMPRESSOR_CHOICES)}, "
                         f"got '{config.export.compressor}'")
-    elif config.export.compressor == "zstd":
+    elif config.export.compressor != "auto":
         try:
-            zstd_module()
+            check_compressor(config.export.compressor)
         except ArtifactError as exc:
             problems.append(str(exc))
+    e = config.export
+    from pgolf.quant import SCHEMES, policy_bits
+
+    if e.scheme not in SCHEMES:
+        problems.append(f"export.scheme must be one of {', '.join(SCHEMES)}, got '{e.scheme}'")
+    try:
+        policy_bits(e.policy)
+    except ValueError as exc:
+        problems.append(f"export.policy: {exc}")
+    for key, options in (("clip_search", ("auto", "on", "off")), ("storage", ("auto", "packed", "bytes")),
+                         ("layout", ("auto", "plain", "grouped"))):
+        if getattr(e, key) not in options:
+            problems.append(f"export.{key} must be one of {', '.join(options)}, got '{getattr(e, key)}'")
+    if e.gptq_reserve_seconds > 0 and not e.gptq:
+        problems.append("export.gptq_reserve_seconds reserves time for GPTQ: set export.gptq=true too")
+    if e.gptq_reserve_seconds >= max(t.max_wallclock_seconds, 0) > 0:
+        problems.append("export.gptq_reserve_seconds must be smaller than train.max_wallclock_seconds")
     q = config.qat
     if q.mode not in ("ste", "noise"):
         problems.append(f"qat.mode must be 'ste' or 'noise', got '{q.mode}'")

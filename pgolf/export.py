@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pgolf.artifact import SizeReport, pack_artifact, read_artifact, size_report, write_artifact
+from pgolf.artifact import (SizeReport, code_bytes_of_package, describe_artifact, pack_artifact, read_artifact,
+                            size_report, write_artifact)
+from pgolf.compress import plan_export
 from pgolf.evaluate import EvalResult
-from pgolf.quant import dequantize_state_dict, quantize_state_dict
+from pgolf.quant import dequantize_state_dict
 from pgolf.receipt import Receipt, state_fingerprint, write_receipt
 
 ARTIFACT_NAME = "model.pgolf"
@@ -30,18 +32,31 @@ def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
     info = trainer.info
     path = run_dir / ARTIFACT_NAME
 
-    def write() -> None:
-        qdict, stats = quantize_state_dict(trainer.base_model.state_dict(), scheme="int8")
-        meta = {"run_id": run_dir.name, "config": cfg.to_dict(), "scheme": "int8"}
-        blob = pack_artifact(qdict, meta=meta, compressor=cfg.export.compressor)
+    code_bytes, code_description = code_bytes_of_package()
+    plan = plan_export(trainer.base_model, cfg, trainer.data.train_files, info.device, code_bytes)
+    for line in plan.lines:
+        logger.log(line)
+    e = cfg.export
+    if e.gptq_reserve_seconds > 0:
+        verdict = "within" if plan.seconds <= e.gptq_reserve_seconds else "OVER"
+        logger.log(f"gptq: calibration + quantization took {plan.seconds:.1f} s, {verdict} the "
+                   f"{e.gptq_reserve_seconds:.1f} s reserved from the wall-clock budget; training + gptq = "
+                   f"{trainer.training_time_ms / 1000 + plan.seconds:.1f} s")
+
+    def write() -> dict:
+        meta = {"run_id": run_dir.name, "config": cfg.to_dict()}
+        blob = pack_artifact(plan.qdict, meta=meta, compressor=e.compressor, storage=e.storage, layout=e.layout)
         # The run directory belongs to this run alone; an artifact already in it is a stale one
         # from an attempt that stopped before finishing (a resumed run replaces it).
         write_artifact(path, blob, overwrite=True)
-        logger.log(f"export: int8 + {cfg.export.compressor}: {len(blob):,} bytes "
-                   f"({stats.param_count:,} params, payload {stats.payload_bytes:,} bytes before compression)")
+        described = describe_artifact(blob, estimate=True)
+        formats = ", ".join(f"{fmt} {n:,}" for fmt, n in described["params"].items())
+        logger.log(f"export: {described['compressor']}, storage {described['storage']}, layout "
+                   f"{described['layout']}: {len(blob):,} bytes; parameters by format: {formats}")
+        return described["breakdown"]
 
-    info.main_only(write)
-    report = size_report(path.stat().st_size)
+    breakdown = info.main_only(write)
+    report = size_report(path.stat().st_size, code_bytes, code_description, breakdown=breakdown)
     qdict, _meta = read_artifact(path)
     state = {k: v.to(info.device) for k, v in dequantize_state_dict(qdict).items()}
     trainer.base_model.load_state_dict(state, strict=True)

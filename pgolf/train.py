@@ -346,7 +346,9 @@ def _save_checkpoint(trainer: Trainer, ckpt_dir: Path, logger: RunLogger) -> Non
 def _loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt_dir: Path,
           interrupt_at_step: int | None) -> tuple[str, str]:
     tcfg = cfg.train
-    cap_ms = 1000.0 * tcfg.max_wallclock_seconds if tcfg.max_wallclock_seconds > 0 else None
+    # Time reserved for GPTQ comes off the training budget when it is charged to it.
+    cap_ms = 1000.0 * (tcfg.max_wallclock_seconds - cfg.export.gptq_reserve_seconds) \
+        if tcfg.max_wallclock_seconds > 0 else None
     progress = TrainProgress(tcfg.iterations, enabled=info.is_main and logger.console, logger=logger)
     clock = TrainClock(info, trainer.training_time_ms)
     now_ms = trainer.training_time_ms

@@ -193,3 +193,197 @@ def test_unknown_scheme_and_kind():
         quantize_state_dict({"w": torch.zeros(3)}, scheme="int3")
     with pytest.raises(ValueError, match="unknown quantized tensor kind"):
         QuantizedTensor("int2", torch.zeros(1), None, "float32")
+
+
+# ---------------------------------------------------------------- per-row intN, policies
+
+from pgolf.quant import (DEFAULT_CLIP_GRID, dequantize_rows, dequantize_tensor, policy_bits, qmax_for,
+                         quantization_error, quantize_rows, quantize_tensor)
+
+
+def rows_with_outliers(seed, rows=64, cols=300):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[::7, 3] = 1.0  # some rows carry one outlier: the clip search should cut it
+    w[5] = 0.0       # an all-zero row
+    w[6] *= 1e-6     # a tiny row (fp16 subnormal scale)
+    return w
+
+
+@pytest.mark.parametrize("bits", [8, 6, 5, 4])
+@pytest.mark.parametrize("search", [False, True])
+def test_quantize_rows_range_and_error_bound(bits, search):
+    w = rows_with_outliers(bits)
+    q, s = quantize_rows(w, bits, clip_search=search)
+    qmax = qmax_for(bits)
+    assert qmax == 2 ** (bits - 1) - 1
+    assert q.dtype == torch.int8 and q.shape == w.shape
+    assert s.dtype == torch.float16 and s.shape == (w.shape[0],)
+    assert bool((s.float() > 0).all()) and bool(torch.isfinite(s.float()).all())
+    assert int(q.min()) >= -qmax and int(q.max()) <= qmax
+    sf = s.float()[:, None]
+    err = (dequantize_rows(q, s) - w).abs()
+    inside = w.abs() <= qmax * sf  # values within the clip of the stored (fp16) scale
+    assert bool((err <= sf / 2 * (1 + 1e-5) + 1e-12)[inside].all())
+    # values beyond the clip saturate to the largest code
+    assert bool((err - (w.abs() - qmax * sf)).abs().le(1e-6 * w.abs() + 1e-12)[~inside].all())
+    if not search:  # max-abs clip: every value is inside, up to the fp16 rounding of the scale
+        amax = w.abs().amax(dim=1, keepdim=True)
+        assert bool(((sf * qmax - amax).abs() <= amax * 2 ** -10 + 2 ** -24 * qmax).all())
+    assert bool((q[5] == 0).all())  # zero row stays zero
+
+
+@pytest.mark.parametrize("bits", [8, 6, 5, 4])
+def test_clip_search_never_worse_per_row(bits):
+    w = rows_with_outliers(10 + bits)
+    plain = quantization_error(w, *quantize_rows(w, bits, clip_search=False), per_row=True)
+    searched = quantization_error(w, *quantize_rows(w, bits, clip_search=True), per_row=True)
+    assert bool((searched <= plain).all())
+    if bits <= 5:  # rows with a 20-sigma outlier gain from a smaller clip
+        assert float(searched[::7].sum()) < 0.9 * float(plain[::7].sum())
+
+
+def test_clip_search_picks_grid_fraction_and_is_deterministic():
+    w = rows_with_outliers(3)
+    q1, s1 = quantize_rows(w, 4)
+    q2, s2 = quantize_rows(w, 4)
+    assert torch.equal(q1, q2) and torch.equal(s1, s2)
+    # the stored scale is the fp16 rounding of f * max|row| / qmax for a grid fraction f
+    amax = w.abs().amax(dim=1)
+    cands = torch.stack([(amax * f / 7).clamp(2 ** -24, 65504).half() for f in DEFAULT_CLIP_GRID], 1)
+    assert bool((cands == s1[:, None]).any(dim=1).all())
+    assert DEFAULT_CLIP_GRID[0] == 1.0 and len(DEFAULT_CLIP_GRID) == 16 and min(DEFAULT_CLIP_GRID) == 0.6
+    # chunked search gives the same answer
+    old = quant._SEARCH_CHUNK_ELEMS
+    try:
+        quant._SEARCH_CHUNK_ELEMS = 1000
+        q3, s3 = quantize_rows(w, 4)
+    finally:
+        quant._SEARCH_CHUNK_ELEMS = old
+    assert torch.equal(q1, q3) and torch.equal(s1, s3)
+
+
+def test_quantization_error_matches_dequant():
+    w = rows_with_outliers(4)
+    q, s = quantize_rows(w, 5)
+    deq = q.float() * s.float()[:, None]
+    assert quantization_error(w, q, s) == pytest.approx(float((deq - w).square().sum()), rel=1e-6)
+    with pytest.raises(ValueError, match="bits must be"):
+        quantize_rows(w, 9)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_rows(w.flatten(), 4)
+    q0, s0 = quantize_rows(torch.zeros(3, 0), 4)
+    assert q0.shape == (3, 0) and s0.shape == (3,)
+
+
+def big_state_dict(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.05
+    return {
+        "tok_emb.weight": r(512, 160).to(torch.bfloat16),
+        "blocks.0.attn.c_q.weight": r(300, 256),
+        "blocks.0.mlp.fc.weight": r(400, 200),
+        "blocks.0.mlp.proj.weight": r(200, 400),
+        "blocks.0.attn_scale": r(256),
+        "small": r(64, 64),
+        "big_vector": r(70_000),
+        "big_3d": r(20, 60, 60),
+        "step": torch.tensor(3),
+    }
+
+
+def test_scheme_intN_and_stats():
+    sd = big_state_dict()
+    qd, stats = quantize_state_dict(sd, scheme="int6")
+    for k in ("tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.mlp.fc.weight"):
+        assert (qd[k].kind, qd[k].bits) == ("int_per_row", 6), k
+        assert qd[k].scale.dtype == torch.float16 and qd[k].scale.shape == (sd[k].shape[0],)
+    assert qd["big_vector"].kind == "int8_per_tensor" and qd["big_3d"].kind == "int8_per_tensor"
+    assert qd["small"].kind == "float" and qd["blocks.0.attn_scale"].kind == "float"
+    assert qd["step"].kind == "raw"
+    q6 = ["tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"]
+    n6 = sum(sd[k].numel() for k in q6)
+    assert stats.params_by_format["int6"] == n6
+    assert stats.quantized_params == n6 + 70_000 + 72_000
+    assert sum(stats.params_by_format.values()) == stats.param_count
+    packed = sum((sd[k].numel() * 6 + 7) // 8 + 2 * sd[k].shape[0] for k in q6)
+    unpacked = sum(sd[k].numel() + 2 * sd[k].shape[0] for k in q6)
+    assert stats.payload_bytes - stats.packed_payload_bytes == unpacked - packed
+    # matches quantize_rows exactly, and dequantizes to the original dtype
+    q, s = quantize_rows(sd["blocks.0.mlp.fc.weight"], 6)
+    assert torch.equal(qd["blocks.0.mlp.fc.weight"].data, q) and torch.equal(qd["blocks.0.mlp.fc.weight"].scale, s)
+    deq = dequantize_state_dict(qd)
+    assert deq["tok_emb.weight"].dtype == torch.bfloat16
+    assert all(deq[k].shape == sd[k].shape for k in sd)
+
+
+def test_policy_bits_and_bits_for():
+    bits_for = policy_bits([["tok_emb", "fp16"], [r"mlp\.fc", 4], ["mlp", 5], ["attn", "fp32"]], default=None)
+    assert bits_for("tok_emb.weight") == "fp16"
+    assert bits_for("blocks.3.mlp.fc.weight") == 4 and bits_for("blocks.3.mlp.proj.weight") == 5
+    assert bits_for("lm_head.weight") is None
+    sd = big_state_dict()
+    asked = []
+
+    def spy(name, t):
+        asked.append(name)
+        return bits_for(name, t)
+
+    qd, _ = quantize_state_dict(sd, scheme="int8", bits_for=spy)
+    # asked only about large float tensors, any shape
+    assert asked == ["tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.mlp.fc.weight",
+                     "blocks.0.mlp.proj.weight", "big_vector", "big_3d"]
+    assert qd["tok_emb.weight"].kind == "float" and qd["tok_emb.weight"].data.dtype == torch.float16
+    assert qd["tok_emb.weight"].orig_dtype == "bfloat16"
+    assert qd["blocks.0.attn.c_q.weight"].kind == "float" and qd["blocks.0.attn.c_q.weight"].data.dtype == torch.float32
+    assert (qd["blocks.0.mlp.fc.weight"].kind, qd["blocks.0.mlp.fc.weight"].bits) == ("int_per_row", 4)
+    assert (qd["blocks.0.mlp.proj.weight"].kind, qd["blocks.0.mlp.proj.weight"].bits) == ("int_per_row", 5)
+    # None = scheme default: the official int8, bit-exact
+    official, _ = quantize_state_dict(sd)
+    for k in ("big_vector", "big_3d", "small", "step"):
+        assert qd[k].kind == official[k].kind and torch.equal(qd[k].data, official[k].data), k
+    deq = dequantize_state_dict(qd)
+    assert torch.equal(deq["blocks.0.attn.c_q.weight"], sd["blocks.0.attn.c_q.weight"])
+    assert torch.equal(deq["tok_emb.weight"], sd["tok_emb.weight"].half().to(torch.bfloat16))
+
+
+def test_policy_on_non_2d_tensors():
+    sd = big_state_dict()
+    qd, _ = quantize_state_dict(sd, bits_for=lambda n, t: 5 if n.startswith("big") else None)
+    v, c = qd["big_vector"], qd["big_3d"]
+    assert (v.kind, v.bits, v.scale.shape, v.data.shape) == ("int_per_row", 5, (1,), (70_000,))
+    assert (c.kind, c.scale.shape, c.data.shape) == ("int_per_row", (20,), (20, 60, 60))
+    q, s = quantize_rows(sd["big_3d"].reshape(20, -1), 5)
+    assert torch.equal(c.data.reshape(20, -1), q) and torch.equal(c.scale, s)
+    assert torch.equal(dequantize_tensor(c), (q.float() * s.float()[:, None]).reshape(20, 60, 60))
+
+
+def test_clip_search_switch_semantics():
+    sd = big_state_dict()
+    k = "blocks.0.attn.c_q.weight"
+    default, _ = quantize_state_dict(sd, clip_search=False)  # int8 stays official
+    assert default[k].kind == "int8_per_row"
+    searched, _ = quantize_state_dict(sd, clip_search=True)  # int8 per row with clip search
+    assert (searched[k].kind, searched[k].bits) == ("int_per_row", 8)
+    assert searched["big_vector"].kind == "int8_per_tensor"
+    maxabs, _ = quantize_state_dict(sd, scheme="int5", clip_search=False)
+    q, s = quantize_rows(sd[k], 5, clip_search=False)
+    assert torch.equal(maxabs[k].data, q) and torch.equal(maxabs[k].scale, s)
+    assert quantize_tensor(k, sd[k], None).kind == "int8_per_row"
+
+
+@pytest.mark.parametrize("bad", [1, 9, 3.0, "fp8", True])
+def test_bad_bits_rejected(bad):
+    with pytest.raises(ValueError):
+        policy_bits([["x", bad]])
+    with pytest.raises(ValueError):
+        quantize_state_dict({"x": torch.randn(300, 300)}, bits_for=lambda n, t: bad)
+    with pytest.raises(ValueError):
+        QuantizedTensor("int_per_row", torch.zeros(2, 2, dtype=torch.int8), torch.ones(2).half(), "float32", bad)
+
+
+def test_bad_policy_entries():
+    with pytest.raises(ValueError, match="pair"):
+        policy_bits([["mlp", 4, 5]])
+    with pytest.raises(ValueError, match="bad pattern"):
+        policy_bits([["(", 4]])
