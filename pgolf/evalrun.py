@@ -93,7 +93,9 @@ def run_eval(target: str, opts: EvalOptions, log=print) -> dict:
         cfg.data.train_pattern, cfg.data.val_pattern = "fineweb_train_*.bin", "fineweb_val_*.bin"
     info = setup_distributed(opts.device)
     try:
-        return _evaluate(cfg, state, folder, source, opts, info, log if info.is_main else (lambda *_: None))
+        result = _evaluate(cfg, state, folder, source, opts, info, log if info.is_main else (lambda *_: None))
+        info.barrier()  # on success, no rank tears down while another still has collectives in flight
+        return result
     finally:
         teardown_distributed(info)
 

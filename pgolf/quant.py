@@ -23,12 +23,12 @@ policies (``bits_for``, ``policy_bits``) use symmetric per-row intN
 ``code * scale``. The clip of a row is ``f * max|row|`` with ``f`` chosen from a small
 grid (``DEFAULT_CLIP_GRID``, 1.0 down to 0.6) to minimise the row's squared
 reconstruction error measured with the fp16-rounded scale, i.e. with exactly what is
-stored ("GPTQ-lite" clip search of the records; see ``quantize_rows``). The same rules
-apply to the tensors ``quantize_state_dict`` hands to it: non-float tensors stay raw,
-float tensors of at most ``KEEP_FLOAT_MAX_NUMEL`` elements follow the official float
-passthrough rules, and only larger float tensors are quantized (or kept as fp16/fp32
-when the policy says so). Bit packing lives in ``pgolf.packing`` and is the artifact's
-business; in memory one code is one int8.
+stored ("GPTQ-lite" clip search of the records; see ``quantize_rows``). Whatever the
+scheme or policy, non-float tensors stay raw and float tensors of at most
+``KEEP_FLOAT_MAX_NUMEL`` elements follow the official passthrough rules above; only
+larger float tensors are quantized (or kept as fp16/fp32 when the policy says so). Bit
+packing lives in ``pgolf.packing`` and is the artifact's business; in memory one code is
+one int8.
 
 New storage kinds register a dequantizer in ``DEQUANTIZERS``.
 """
@@ -222,7 +222,7 @@ def _fp16_scale(s: torch.Tensor) -> torch.Tensor:
 
 
 def _codes(x: torch.Tensor, s: torch.Tensor, qmax: int) -> torch.Tensor:
-    return torch.round(x / s[:, None]).clamp_(-qmax, qmax)
+    return torch.div(x, s[:, None]).round_().clamp_(-qmax, qmax)
 
 
 def quantize_rows(w: torch.Tensor, bits: int, clip_search: bool = True,
@@ -262,7 +262,8 @@ def quantize_rows(w: torch.Tensor, bits: int, clip_search: bool = True,
             best_err = best = None
             for f in fracs:
                 s = _fp16_scale(ar * f / qmax)
-                err = (_codes(xr, s, qmax).mul_(s[:, None]).sub_(xr)).square_().sum(dim=1)
+                d = _codes(xr, s, qmax).mul_(s[:, None]).sub_(xr)  # the stored row minus the row
+                err = torch.linalg.vecdot(d, d, dim=1)
                 if best is None:
                     best_err, best = err, s
                 else:
@@ -287,7 +288,8 @@ def quantization_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     ``quantization_error(w, *quantize_rows(w, bits))``."""
     rows = scale.numel()
     diff = dequantize_rows(q, scale) - w.detach().float()
-    err = diff.reshape(rows, diff.numel() // rows if rows else 0).square().sum(dim=1)
+    diff = diff.reshape(rows, diff.numel() // rows if rows else 0)
+    err = torch.linalg.vecdot(diff, diff, dim=1)  # the reduction quantize_rows searches with
     return err if per_row else float(err.sum())
 
 

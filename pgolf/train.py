@@ -243,7 +243,9 @@ def run_training(
         configure_backends(info.device)
         run_dir = resume_dir or _create_run(cfg, info, preset, env_applied or [])
         cfg.run.run_id = run_dir.name
-        return _run(cfg, info, run_dir, resume_dir is not None, env_applied or [], interrupt_at_step, console)
+        summary = _run(cfg, info, run_dir, resume_dir is not None, env_applied or [], interrupt_at_step, console)
+        info.barrier()  # on success, no rank tears down while another still has collectives in flight
+        return summary
     finally:
         teardown_distributed(info)
 

@@ -1,4 +1,7 @@
-"""`pgolf eval` under torchrun: 2 gloo processes give the single-process scores and receipts."""
+"""`pgolf eval` under torchrun: 2 gloo processes give the single-process scores and receipts.
+
+Marked slow: it launches four torchrun jobs. The default suite covers 2-process sums with a
+spawned gloo group in test_sliding.py."""
 
 import json
 import os
@@ -29,6 +32,7 @@ def _eval(run_dir, receipt, *extra, nproc=1):
     return json.loads(out[out.index("{"):])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [["--stride", "16"], ["--stride", "32", "--ttt", "--ttt-chunk", "512",
                                                         "--ttt-epochs", "1", "--ttt-batch", "4"]])
 def test_two_processes_match_one(trained_run, tmp_path, mode):

@@ -11,6 +11,8 @@ from pgolf.quant import (CONTROL_PATTERNS, is_control_tensor, QuantizedTensor, d
 
 Q = 0.9999984  # 99.99984th percentile
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # small tensors, shared cores
+
 
 def ref_export(sd):
     """name -> (stored tensor, scale or None, dtype dequantization returns)."""
