@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pgolf.artifact import (SizeReport, code_bytes_of_package, describe_artifact, pack_artifact, read_artifact,
-                            size_report, write_artifact)
+from pgolf.accounting import SizeReport, code_bytes_of_package, size_report
+from pgolf.artifact import describe_artifact, pack_artifact, read_artifact, write_artifact
 from pgolf.compress import plan_export
 from pgolf.evaluate import EvalResult
 from pgolf.quant import dequantize_state_dict

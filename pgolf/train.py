@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pgolf.artifact import ArtifactError, check_size
+from pgolf.accounting import check_size
+from pgolf.artifact import ArtifactError
 from pgolf.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from pgolf.config import Config, config_from_dict
 from pgolf.data import (DistributedTokenLoader, check_token_range, load_validation_tokens, read_shard_header,
