@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pgolf.quant import dequantize_rows, qmax_for  # the one definition of the code range and decoding
+
 __all__ = [
     "MIN_SCALE", "CLIP_GRID", "GPTQStats", "GPTQResult",
     "qmax_for", "row_scales", "quantize_rows", "dequantize_rows", "hessian_error",
@@ -53,15 +55,8 @@ CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(10)
 
 
 # ---------------------------------------------------------------------------
-# Per-row symmetric intN (private numerics, kept identical to the quant module's rule)
+# Per-row symmetric intN rounding with an optionally Hessian-weighted clip search
 # ---------------------------------------------------------------------------
-
-def qmax_for(bits: int) -> int:
-    """Largest code of symmetric ``bits``-bit quantization: 2^(bits-1) - 1."""
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an int in [2, 8] (codes are stored as int8), got {bits!r}")
-    return 2 ** (bits - 1) - 1
-
 
 def _scale_from_clip(clip: Tensor, qmax: int, min_scale: float) -> Tensor:
     """fp16-representable scale (returned as float32) for each row's clip value."""
@@ -107,11 +102,6 @@ def quantize_rows(w: Tensor, bits: int, scale: Tensor | None = None, clip_search
     scale = scale.half().float()
     q = (w.float() / scale[:, None]).round().clamp(-qmax, qmax)
     return q.to(torch.int8), scale.half()
-
-
-def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
-    """float32 ``q * scale[:, None]``."""
-    return q.float() * scale.float()[:, None]
 
 
 def hessian_error(w: Tensor, w_hat: Tensor, H: Tensor) -> float:
