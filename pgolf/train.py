@@ -7,6 +7,7 @@ the same tokens whatever N is.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import sys
@@ -153,9 +154,7 @@ class Trainer:
         """Prime compilation and allocator with real steps, then restore the exact prior state."""
         if steps <= 0:
             return
-        saved = self.checkpoint()
-        saved.model = {k: v.detach().clone() for k, v in saved.model.items()}
-        saved.optimizers = _deepcopy_tensors(saved.optimizers)
+        saved = copy.deepcopy(self.checkpoint())  # clones every tensor of the state dicts
         for i in range(steps):
             self.train_step(1.0)
             if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
@@ -172,16 +171,6 @@ class Trainer:
         return evaluate_bpb(self.fast_model, self.data.val_tokens, self.data.luts, self.cfg.train.train_seq_len,
                             self.cfg.train.val_batch_size // (self.info.world_size * self.info.grad_accum_steps),
                             self.info.device, self.info.rank, self.info.world_size)
-
-
-def _deepcopy_tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _deepcopy_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_deepcopy_tensors(v) for v in obj]
-    return obj
 
 
 def _sync(device: torch.device) -> None:
