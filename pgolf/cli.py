@@ -90,7 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 1e8)")
     tok.add_argument("--prefix", default="fineweb", help="shard file prefix (default fineweb)")
     tok.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+
+    for name, handler in (("eval", cmd_eval), ("audit", cmd_audit), ("config", cmd_config), ("data", cmd_data)):
+        sub.choices[name].set_defaults(handler=handler)
+    # Commands that live in their own modules register their parser and handler here.
+    for register in EXTRA_COMMANDS:
+        register(sub)
     return parser
+
+
+# Each entry: a function (subparsers) -> None that adds one command and sets `handler`.
+EXTRA_COMMANDS: list = []
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Config, list[str], str]:
@@ -248,13 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, argv)
-        if args.command == "config":
-            return cmd_config(args)
-        if args.command == "eval":
-            return cmd_eval(args)
-        if args.command == "audit":
-            return cmd_audit(args)
-        return cmd_data(args)
+        return args.handler(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:

@@ -131,6 +131,8 @@ class RunConfig:
     name: str = "run"
     runs_dir: str = "runs"
     run_id: str = ""  # empty: derived from the time, name and seed
+    # Runs of one claim (e.g. the seeds of `pgolf run --seeds`) share a group id.
+    group: str = ""
 
 
 @dataclass

@@ -61,6 +61,19 @@ def find_run_dir(run: str, runs_dir: str = "runs") -> Path:
     raise RunError(f"no run found at '{run}' (looked for {run}/config.json and {runs_dir}/{run}/config.json)")
 
 
+def group_run_dirs(group: str, runs_dir: str | Path = "runs") -> list[Path]:
+    """Run directories whose resolved config has run.group == group, oldest first."""
+    found = []
+    for config_path in sorted(Path(runs_dir).glob("*/config.json")):
+        try:
+            run_cfg = read_json(config_path).get("config", {}).get("run", {})
+        except (OSError, ValueError):
+            continue  # a run being created right now, or a damaged one: not part of any group
+        if run_cfg.get("group") == group:
+            found.append(config_path.parent)
+    return found
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically so a killed process never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
