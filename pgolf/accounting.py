@@ -6,12 +6,9 @@ the form a submission ships it.
 
 from __future__ import annotations
 
-import base64
-import lzma
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from pgolf.artifact import LZMA_PRESET, ArtifactError
+from pgolf.artifact import ArtifactError
 
 SIZE_CAP_BYTES = 16_000_000  # decimal, as the challenge counts
 
@@ -45,29 +42,19 @@ class SizeReport:
         return "\n".join(self.lines())
 
 
-def bundled_package_code() -> tuple[bytes, int, int]:
-    """The pgolf package's sources packed the way a submission ships code: one Python line that
-    decompresses and runs an lzma + base85 blob of every ``.py`` file (path-tagged, sorted).
-    Returns (that line, number of files, raw source bytes)."""
-    root = Path(__file__).resolve().parent
-    files = sorted(root.rglob("*.py"))
-    sources = b"".join(f"# {f.relative_to(root)}\n".encode() + f.read_bytes() for f in files)
-    packed = base64.b85encode(lzma.compress(sources, preset=LZMA_PRESET))
-    return b'import lzma,base64;exec(lzma.decompress(base64.b85decode(b"' + packed + b'")))\n', len(files), len(sources)
+def code_bytes_of_package(cfg=None) -> tuple[int, str]:
+    """Counted code bytes: the exact length of the single-file ``train_gpt.py`` that
+    `pgolf submit` ships for ``cfg`` (a Config or its dict; None: the default config), or,
+    inside a running bundle, of that file. Returns (bytes, how they were counted)."""
+    from pgolf.bundle import code_bytes_for  # the bundler owns the file's form
+    from pgolf.config import Config
 
-
-def code_bytes_of_package() -> tuple[int, str]:
-    """Counted code bytes: the exact length of ``bundled_package_code()``.
-
-    Until the submission bundler exists, the whole package counts, packed as it will ship."""
-    line, n_files, raw = bundled_package_code()
-    return len(line), (f"lzma + base85 of all {n_files} .py files of the pgolf package ({raw:,} bytes raw), "
-                       "as a submission ships code; counted this way until the bundler exists")
+    return code_bytes_for(Config() if cfg is None else cfg)
 
 
 def size_report(model_bytes: int, code_bytes: int | None = None, code_description: str | None = None,
                 cap: int = SIZE_CAP_BYTES, breakdown: dict[str, int] | None = None) -> SizeReport:
-    """Account artifact + code bytes against ``cap``; code defaults to the package's .py bytes.
+    """Account artifact + code bytes against ``cap``; code defaults to the default config's bundle.
     ``breakdown`` (component -> bytes) is printed under the model bytes by ``lines()``."""
     if code_bytes is None:
         code_bytes, desc = code_bytes_of_package()

@@ -12,6 +12,12 @@ from pathlib import Path
 from pgolf.config import (DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, Config, ConfigError, official_env_present,
                           resolve_config)
 from pgolf.distributed import MICRO_BATCHES
+from pgolf.experiments import register_compare, register_run
+from pgolf.ledger import register as register_ledger
+from pgolf.plots import register as register_plot
+from pgolf.plan_cli import register as register_plan
+from pgolf.submit import register as register_submit
+from pgolf.sweep import register as register_sweep
 from pgolf.ttt import TTTConfig
 
 EXIT_FAILED = 1
@@ -100,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Each entry: a function (subparsers) -> None that adds one command and sets `handler`.
-EXTRA_COMMANDS: list = []
+EXTRA_COMMANDS: list = [register_submit, register_ledger, register_run, register_compare, register_sweep,
+                        register_plot, register_plan]
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Config, list[str], str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf.config import Config
+from pgolf.config import Config, ExportConfig
 from pgolf.quant import (KEEP_FLOAT_MAX_NUMEL, SCHEMES, QuantizedTensor, QuantStats, policy_bits,
                          quantize_state_dict)
 
@@ -34,13 +34,22 @@ def _large_matrices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t for n, t in state.items() if t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL}
 
 
+FP16_EMBEDDING_RULE = [r"^tok_emb\.weight$", "fp16"]
+
+
+def effective_policy(e: ExportConfig) -> list:
+    """export.policy with the rules its switches add in front (export.fp16_embedding)."""
+    return ([FP16_EMBEDDING_RULE] if e.fp16_embedding else []) + list(e.policy)
+
+
 def plan_export(model: torch.nn.Module, cfg: Config, train_files: list[Path], device: torch.device,
                 code_bytes: int) -> ExportPlan:
     e = cfg.export
     start = time.perf_counter()
     state = {k: v.detach() for k, v in model.state_dict().items()}
     lines: list[str] = []
-    bits_for = policy_bits(e.policy) if e.policy else None
+    policy = effective_policy(e)
+    bits_for = policy_bits(policy) if policy else None
     hessians = None
     if e.gptq or e.allocate:
         from pgolf.gptq import calibration_batches, collect_hessians

@@ -33,6 +33,19 @@ class ModelConfig:
     logit_softcap: float = 30.0
     rope_base: float = 10000.0
     qk_gain_init: float = 1.5
+    # MLP variant (pgolf.model.MLP_VARIANTS): relu2 (official) | leaky_relu2 | swiglu | gelu | silu
+    mlp: str = "relu2"
+    mlp_slope: float = 0.5  # leaky_relu2's negative slope
+    # Hidden width; 0: mlp_mult x model_dim, or for swiglu 8/3 x model_dim rounded up to 64
+    mlp_hidden: int = 0
+    # Depth recurrence: every block runs this many times, the U-Net skips only on the last pass
+    recurrence: int = 1
+    # Middle cycle (all 0 = off): cycle_stem blocks, cycle_core blocks repeated cycle_repeats
+    # times, cycle_tail blocks; skips go stem -> tail; num_layers = stem + core + tail.
+    cycle_stem: int = 0
+    cycle_core: int = 0
+    cycle_repeats: int = 0
+    cycle_tail: int = 0
 
 
 @dataclass
@@ -47,6 +60,9 @@ class DataConfig:
     synthetic_train_tokens: int = 2_000_000
     synthetic_val_tokens: int = 131_072
     synthetic_seed: int = 0
+    # A background thread cuts the next batch into a reused pinned buffer while the GPU
+    # computes: auto (on for CUDA) | on | off. Same batches, same order either way.
+    prefetch: str = "auto"
 
 
 @dataclass
@@ -67,11 +83,20 @@ class TrainConfig:
     val_loss_every: int = 1000
     # 0 = the whole validation split (the official metric); >0 caps it for quick runs.
     val_max_tokens: int = 0
+    # Window stride of the final (roundtrip) evaluation: 0 = train_seq_len, the standard
+    # evaluation; smaller slides the windows, scoring each token with more context.
+    eval_stride: int = 0
     train_log_every: int = 200
     grad_clip_norm: float = 0.0
     checkpoint_every: int = 0
     device: str = "auto"  # auto | cpu | cuda
     compile: str = "auto"  # auto (on for CUDA) | on | off
+    # Softcapped cross-entropy computed in token chunks, never holding fp32 logits for the
+    # whole batch (pgolf.losses): auto (on for CUDA) | on | off. Off by default until its
+    # speed is measured on a GPU: it recomputes the head matmul in backward.
+    fused_loss: str = "off"
+    # Attention kernel: auto (the fastest measured on CUDA) | flash | cudnn | efficient | math
+    sdpa_backend: str = "auto"
 
 
 @dataclass
@@ -88,6 +113,15 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
+    # Decoupled weight decay p <- p (1 - lr wd) with each group's scheduled lr; 0 = off (official).
+    muon_wd: float = 0.0
+    adam_wd: float = 0.0  # every Adam group: embedding, head, control scalars
+    # Newton-Schulz on stacks of same-shape matrices in one batched call: auto (on for CUDA) | on | off
+    batched_ns: str = "auto"
+    # With several processes: reduce-scatter the matrix gradients, each rank orthogonalises its
+    # share, all-gather the updates (pgolf.parallel_muon): auto (on for CUDA, world size > 1) | on | off.
+    # Off by default until it is measured over NCCL on GPUs (verified on CPU/gloo only).
+    parallel_muon: str = "off"
 
 
 @dataclass
@@ -99,6 +133,9 @@ class ExportConfig:
     # [[regex, bits | "fp16" | "fp32"], ...] over parameter names, first match wins, e.g.
     # [["tok_emb", "fp16"], ["mlp", 5], ["attn", 6]]. On the command line: tok_emb:fp16,mlp:5
     policy: list = field(default_factory=list)
+    # Keep the (tied) token embedding in fp16 instead of quantizing it: a tok_emb fp16 rule
+    # placed before the policy's own rules.
+    fp16_embedding: bool = False
     clip_search: str = "auto"  # auto: for intN, not the official int8 | on | off
     storage: str = "auto"  # packed | bytes | auto (smaller artifact)
     layout: str = "auto"  # plain | grouped | auto (smaller artifact)
@@ -333,12 +370,34 @@ def find_preset(name_or_path: str) -> Path:
     )
 
 
+# What a preset may list in its top-level `requires = [...]`: the techniques this version of
+# pgolf implements. A preset naming anything else is refused instead of silently run without it.
+CAPABILITIES = frozenset({
+    "relu2", "leaky_relu2", "swiglu", "gelu", "silu",  # model.mlp
+    "recurrence", "middle_cycle",  # model.recurrence, model.cycle_*
+    "muon_wd",  # optim.muon_wd
+    "fp16_embedding", "mixed_bits", "gptq", "bit_allocation",  # export.*
+    "qat",  # qat.*
+    "sliding_eval", "ttt",  # train.eval_stride, pgolf eval --stride / --ttt
+})
+
+
+def check_requires(requires: Any, origin: str) -> None:
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        raise ConfigError(f'{origin}: requires must be a list of capability names, e.g. requires = ["swiglu"]')
+    for name in requires:
+        if name not in CAPABILITIES:
+            raise ConfigError(f"preset {origin} requires capability '{name}', which this version of pgolf does not "
+                              f"have (it has: {', '.join(sorted(CAPABILITIES))})")
+
+
 def load_preset(config: Config, name_or_path: str) -> Path:
     path = find_preset(name_or_path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"preset {path} is not valid TOML: {exc}") from None
+    check_requires(data.pop("requires", []), str(path))
     apply_mapping(config, data, origin=str(path))
     return path
 
@@ -394,6 +453,9 @@ def validate(config: Config) -> None:
             f"train.val_batch_size={t.val_batch_size} must give every one of the 8 micro-batches at least one "
             f"sequence: set it to at least 8 x train.train_seq_len = {8 * t.train_seq_len}"
         )
+    if not 0 <= t.eval_stride <= t.train_seq_len:
+        problems.append(f"train.eval_stride must be within 0..train.train_seq_len={t.train_seq_len} "
+                        f"(0: the standard evaluation), got {t.eval_stride}")
     if not 0.0 <= t.warmdown_frac <= 1.0:
         problems.append("train.warmdown_frac must be within [0, 1]")
     if config.data.source not in ("shards", "synthetic"):
@@ -437,9 +499,25 @@ def validate(config: Config) -> None:
         problems.append(f"qat.bits must be within 2..8, got {q.bits}")
     if not 0.0 <= q.start_frac < 1.0:
         problems.append("qat.start_frac must be within [0, 1)")
+    from pgolf.model import model_config_problems
+
+    problems.extend(model_config_problems(m))
     if t.device not in ("auto", "cpu", "cuda"):
         problems.append("train.device must be auto, cpu or cuda")
     if t.compile not in ("auto", "on", "off"):
         problems.append("train.compile must be auto, on or off")
+    switches = (("train.fused_loss", t.fused_loss), ("optim.batched_ns", config.optim.batched_ns),
+                ("optim.parallel_muon", config.optim.parallel_muon), ("data.prefetch", config.data.prefetch))
+    problems += [f"{key} must be auto, on or off, got '{value}'" for key, value in switches
+                 if value not in ("auto", "on", "off")]
+    if t.sdpa_backend not in ("auto", "flash", "cudnn", "efficient", "math"):
+        problems.append(f"train.sdpa_backend must be auto, flash, cudnn, efficient or math, got '{t.sdpa_backend}'")
+    for key in ("muon_wd", "adam_wd"):
+        if getattr(config.optim, key) < 0:
+            problems.append(f"optim.{key} must be >= 0 (0 turns weight decay off)")
+    if config.optim.parallel_muon == "on" and t.grad_clip_norm > 0:
+        problems.append("optim.parallel_muon=on keeps matrix gradients unsynchronised until the optimizer step, "
+                        "so train.grad_clip_norm cannot see them: set train.grad_clip_norm=0 or "
+                        "optim.parallel_muon=off")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

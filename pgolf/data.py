@@ -12,7 +12,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import queue
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -242,6 +244,10 @@ class DistributedTokenLoader:
     ``(local_tokens + 1) * world_size`` tokens and rank r keeps span r. The extra
     token per span lets targets be the inputs shifted by one. Consequently the tokens
     a step sees do not depend on how many ranks there are, only their split does.
+
+    ``prefetch=True`` cuts the next batch on a background thread while the caller computes
+    (into a small ring of reused pinned buffers on CUDA, copied with non_blocking). The
+    batches, their order and ``state_dict`` are exactly those of the synchronous path.
     """
 
     def __init__(
@@ -251,14 +257,22 @@ class DistributedTokenLoader:
         world_size: int = 1,
         device: str | torch.device = "cpu",
         vocab_size: int | None = None,
+        prefetch: bool = False,
+        pin_memory: bool | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.stream = TokenStream(files, vocab_size=vocab_size)
+        self.prefetch = prefetch
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        if self.pin_memory and self.device.type != "cuda":
+            raise ValueError(f"pin_memory=True stages batches for a CUDA device, but the device is {self.device}")
+        self._prefetcher: _Prefetcher | None = None
+        self._consumed_state = self.stream.state_dict()  # prefetch: the stream after the last batch handed out
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def _span(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> int:
         local_tokens = global_tokens // (self.world_size * grad_accum_steps)
         if seq_len <= 0 or local_tokens <= 0 or local_tokens % seq_len:
             raise ValueError(
@@ -267,20 +281,127 @@ class DistributedTokenLoader:
                 f"which must be a positive multiple of train_seq_len={seq_len}; adjust "
                 f"train_batch_tokens or train_seq_len"
             )
-        span = local_tokens + 1
+        return local_tokens + 1
+
+    def _cut(self, span: int) -> np.ndarray:
+        """This rank's span of the next step chunk (uint16), advancing the stream."""
         chunk = self.stream.take(span * self.world_size)
-        local = torch.from_numpy(chunk[self.rank * span : (self.rank + 1) * span].astype(np.int64))
+        return chunk[self.rank * span : (self.rank + 1) * span]
+
+    def next_batch(self, global_tokens: int, seq_len: int,
+                   grad_accum_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self._span(global_tokens, seq_len, grad_accum_steps)
+        if self.prefetch:
+            local = self._next_prefetched(span)
+            return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+        local = torch.from_numpy(self._cut(span).astype(np.int64))
         if self.device.type == "cuda":
             local = local.pin_memory()  # lets the non_blocking copy overlap with compute
         x = local[:-1].view(-1, seq_len)
         y = local[1:].view(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def _next_prefetched(self, span: int) -> torch.Tensor:
+        if self._prefetcher is not None and self._prefetcher.span != span:
+            self._stop_prefetch()  # a new batch shape: rewind to the last batch handed out
+        if self._prefetcher is None:
+            self._prefetcher = _Prefetcher(self, span)
+        try:
+            host, state, release = self._prefetcher.get()
+        except BaseException:
+            self._prefetcher = None  # its thread has ended; the next call starts from the last good batch
+            self.stream.load_state_dict(self._consumed_state)
+            raise
+        self._consumed_state = state
+        # One copy for inputs and targets (they overlap by all but one token).
+        local = host.to(self.device, non_blocking=True) if self.device != host.device else host
+        release()
+        return local
+
+    def _stop_prefetch(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            self._prefetcher = None
+            self.stream.load_state_dict(self._consumed_state)
+
+    def close(self) -> None:
+        """Stop the prefetch thread (the stream stays at the last batch handed out)."""
+        self._stop_prefetch()
+
     def state_dict(self) -> dict:
-        return self.stream.state_dict()
+        return dict(self._consumed_state) if self.prefetch else self.stream.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        self._stop_prefetch()
         self.stream.load_state_dict(state)
+        self._consumed_state = self.stream.state_dict()
+
+
+class _Prefetcher:
+    """One background thread cutting batches of one span ahead of the consumer.
+
+    Each item carries the stream state after it, so the loader reports (and rewinds to) exactly
+    what it handed out. Pinned buffers form a ring of 3 (one queued, one being filled, one being
+    copied to the GPU); a buffer is refilled only after the CUDA event recorded behind its copy."""
+
+    RING = 3
+
+    def __init__(self, loader: DistributedTokenLoader, span: int):
+        self.loader, self.span = loader, span
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.stopping = threading.Event()
+        self.pinned = loader.pin_memory
+        self.buffers = [torch.empty(span, dtype=torch.int64, pin_memory=True) for _ in range(self.RING)] \
+            if self.pinned else []
+        self.copy_done: list = [None] * self.RING  # CUDA events behind each buffer's last copy
+        self.thread = threading.Thread(target=self._run, name="pgolf-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        index = 0
+        try:
+            while not self.stopping.is_set():
+                tokens = self.loader._cut(self.span)
+                state = self.loader.stream.state_dict()
+                if self.pinned:
+                    slot = index % self.RING
+                    if self.copy_done[slot] is not None:
+                        self.copy_done[slot].synchronize()
+                    host = self.buffers[slot]
+                    np.copyto(host.numpy(), tokens, casting="unsafe")  # uint16 -> int64, into pinned memory
+                else:
+                    slot, host = None, torch.from_numpy(tokens.astype(np.int64))
+                self._put((host, state, slot))
+                index += 1
+        except BaseException as exc:  # handed to the consumer, raised at the batch that failed
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            self.stop()
+            raise item
+        host, state, slot = item
+
+        def release() -> None:
+            if slot is not None:  # pinned: the buffer is free again once this copy has run
+                event = torch.cuda.Event()
+                event.record()
+                self.copy_done[slot] = event
+
+        return host, state, release
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
 
 
 def load_validation_tokens(

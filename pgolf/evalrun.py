@@ -20,6 +20,7 @@ from pgolf.data import check_token_range, load_validation_tokens
 from pgolf.distributed import DistInfo, setup_distributed, teardown_distributed
 from pgolf.evaluate import score_windows, to_result, window_plan
 from pgolf.export import ARTIFACT_NAME
+from pgolf.ledger import record_eval
 from pgolf.model import build_model
 from pgolf.quant import dequantize_state_dict
 from pgolf.receipt import Receipt, state_fingerprint, write_receipt
@@ -94,6 +95,8 @@ def run_eval(target: str, opts: EvalOptions, log=print) -> dict:
     info = setup_distributed(opts.device)
     try:
         result = _evaluate(cfg, state, folder, source, opts, info, log if info.is_main else (lambda *_: None))
+        if info.is_main and Path(target).is_dir() and not (opts.live or opts.data_dir):
+            record_eval(Path(target), result["kind"], result, opts.stride or opts.seq_len or cfg.train.train_seq_len)
         info.barrier()  # on success, no rank tears down while another still has collectives in flight
         return result
     finally:

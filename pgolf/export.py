@@ -21,6 +21,7 @@ class ExportResult:
     path: Path
     size: SizeReport
     roundtrip: EvalResult
+    stride: int  # window stride of the roundtrip evaluation (train_seq_len: the standard one)
 
 
 def size_to_dict(report: SizeReport) -> dict:
@@ -32,7 +33,7 @@ def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
     info = trainer.info
     path = run_dir / ARTIFACT_NAME
 
-    code_bytes, code_description = code_bytes_of_package()
+    code_bytes, code_description = code_bytes_of_package(cfg)  # the length of this run's train_gpt.py
     plan = plan_export(trainer.base_model, cfg, trainer.data.train_files, info.device, code_bytes)
     for line in plan.lines:
         logger.log(line)
@@ -61,13 +62,17 @@ def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
     state = {k: v.to(info.device) for k, v in dequantize_state_dict(qdict).items()}
     trainer.base_model.load_state_dict(state, strict=True)
     fingerprint = state_fingerprint(trainer.base_model)
-    roundtrip = trainer.validate()
     seq_len = cfg.train.train_seq_len
-    receipt = Receipt("standard", {"seq_len": seq_len, "stride": seq_len}, roundtrip.tokens, fingerprint)
+    stride = cfg.train.eval_stride or seq_len
+    kind = "standard" if stride == seq_len else "sliding"
+    logger.log(f"roundtrip eval: {kind} windows, seq_len {seq_len}, stride {stride} (train.eval_stride)")
+    roundtrip = trainer.validate(stride=None if stride == seq_len else stride)
+    receipt = Receipt(kind, {"seq_len": seq_len, "stride": stride}, roundtrip.tokens, fingerprint)
     receipt.add_score(0, roundtrip.tokens, fingerprint, roundtrip.loss_sum, roundtrip.tokens, roundtrip.bytes)
     receipt.finalize()
     receipt.info = {"source": f"artifact {path}", "world_size": info.world_size, "device": str(info.device)}
     # A receipt left by an attempt that stopped before finishing is replaced, like the artifact.
     receipt_path = info.main_only(write_receipt, run_dir / "receipts" / "roundtrip.json", receipt, overwrite=True)
-    logger.event("final", size=size_to_dict(report), roundtrip=roundtrip.to_dict(), receipt=str(receipt_path))
-    return ExportResult(path, report, roundtrip)
+    logger.event("final", size=size_to_dict(report), roundtrip=roundtrip.to_dict(), roundtrip_stride=stride,
+                 receipt=str(receipt_path))
+    return ExportResult(path, report, roundtrip, stride)

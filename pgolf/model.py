@@ -5,9 +5,17 @@ Token embedding (tied with the output head) -> RMS norm -> N blocks arranged as 
 second half's blocks in reverse order) -> final RMS norm -> tanh logit softcap.
 Each block mixes its input with the embedding stream x0, then runs GQA attention with
 RoPE and RMS-normed Q/K (learnable per-head gain) and a relu^2 MLP, each scaled per channel.
+
+Switches (defaults = the baseline above): the MLP variant (`model.mlp`, MLP_VARIANTS), depth
+recurrence (`model.recurrence`: every block runs K times, the U-Net skips only on the last
+pass) and the middle cycle (`model.cycle_*`: stem, core x repeats, tail; skips stem -> tail).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,17 +106,58 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim))
 
 
+@dataclass(frozen=True)
+class MLPVariant:
+    """One MLP kind: plain proj(act(fc(x))), or gated proj(act(gate(x)) * up(x))."""
+
+    activation: Callable[[Tensor, float], Tensor]  # (pre-activation, model.mlp_slope) -> hidden
+    gated: bool = False
+
+
+# The MLP registry: `model.mlp` names one entry. A new variant is one line here.
+MLP_VARIANTS: dict[str, MLPVariant] = {
+    "relu2": MLPVariant(lambda h, slope: torch.relu(h).square()),  # the official baseline
+    "leaky_relu2": MLPVariant(lambda h, slope: F.leaky_relu(h, slope).square()),
+    "gelu": MLPVariant(lambda h, slope: F.gelu(h)),
+    "silu": MLPVariant(lambda h, slope: F.silu(h)),
+    "swiglu": MLPVariant(lambda h, slope: F.silu(h), gated=True),
+}
+GATED_HIDDEN_MULTIPLE = 64
+
+
+def gated_hidden_size(model_dim: int) -> int:
+    """8/3 x model_dim rounded up to a multiple of 64: three matrices of this width hold
+    about the parameters of two at 4 x model_dim (512 -> 1408)."""
+    return -(-(model_dim * 8 // 3) // GATED_HIDDEN_MULTIPLE) * GATED_HIDDEN_MULTIPLE
+
+
+def mlp_hidden_size(cfg: ModelConfig) -> int:
+    """model.mlp_hidden when set; else mlp_mult x model_dim, or gated_hidden_size for gated MLPs."""
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    return gated_hidden_size(cfg.model_dim) if MLP_VARIANTS[cfg.mlp].gated else cfg.mlp_mult * cfg.model_dim
+
+
 class MLP(nn.Module):
-    """relu^2 MLP: proj(relu(fc(x))^2)."""
+    """The `model.mlp` variant. Input projections keep the default init (as relu^2's fc); the
+    output projection starts at zero. relu^2 is proj(relu(fc(x))^2), the official MLP."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = cfg.mlp_mult * cfg.model_dim
-        self.fc = CastedLinear(cfg.model_dim, hidden)
+        variant = MLP_VARIANTS[cfg.mlp]
+        hidden = mlp_hidden_size(cfg)
+        self.activation, self.gated, self.slope = variant.activation, variant.gated, cfg.mlp_slope
+        if self.gated:
+            self.gate = CastedLinear(cfg.model_dim, hidden)
+            self.up = CastedLinear(cfg.model_dim, hidden)
+        else:
+            self.fc = CastedLinear(cfg.model_dim, hidden)
         self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
+        if self.gated:
+            return self.proj(self.activation(self.gate(x), self.slope) * self.up(x))
+        return self.proj(self.activation(self.fc(x), self.slope))
 
 
 class Block(nn.Module):
@@ -129,15 +178,85 @@ class Block(nn.Module):
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
 
 
+@dataclass(frozen=True)
+class BlockSchedule:
+    """The order GPT runs its blocks in, as indices into GPT.blocks.
+
+    plain: run first, without skips (recurrence passes 1..K-1); encoder: each output is kept
+    for a skip; middle: no skips (the repeated core); decoder: each block first adds, while
+    any remain, the latest kept output (last in, first out) times its skip weight."""
+
+    plain: tuple[int, ...]
+    encoder: tuple[int, ...]
+    middle: tuple[int, ...]
+    decoder: tuple[int, ...]
+
+    @property
+    def num_skips(self) -> int:
+        return min(len(self.encoder), len(self.decoder))
+
+    @property
+    def effective_depth(self) -> int:
+        return len(self.plain) + len(self.encoder) + len(self.middle) + len(self.decoder)
+
+
+def cycle_enabled(cfg: ModelConfig) -> bool:
+    return any((cfg.cycle_stem, cfg.cycle_core, cfg.cycle_repeats, cfg.cycle_tail))
+
+
+def block_schedule(cfg: ModelConfig) -> BlockSchedule:
+    """Flat U-Net (first half encoder, rest decoder), run after recurrence - 1 plain passes over
+    every block; or the middle cycle: stem (encoder), core x repeats (middle), tail (decoder)."""
+    n = cfg.num_layers
+    if cycle_enabled(cfg):
+        stem, core = cfg.cycle_stem, cfg.cycle_core
+        return BlockSchedule((), tuple(range(stem)), tuple(range(stem, stem + core)) * cfg.cycle_repeats,
+                             tuple(range(stem + core, n)))
+    half = n // 2
+    return BlockSchedule(tuple(range(n)) * (cfg.recurrence - 1), tuple(range(half)), (), tuple(range(half, n)))
+
+
+def model_config_problems(cfg: ModelConfig) -> list[str]:
+    """What is wrong with the architecture switches of cfg (for pgolf.config.validate)."""
+    problems = []
+    if cfg.mlp not in MLP_VARIANTS:
+        return [f"model.mlp must be one of {', '.join(MLP_VARIANTS)}, got '{cfg.mlp}'"]
+    if cfg.mlp_hidden < 0:
+        problems.append("model.mlp_hidden must be >= 0 (0: from model.mlp_mult, or 8/3 x model_dim when gated)")
+    if MLP_VARIANTS[cfg.mlp].gated and not cfg.mlp_hidden and cfg.mlp_mult != ModelConfig.mlp_mult:
+        problems.append(f"model.mlp_mult={cfg.mlp_mult} does not apply to model.mlp={cfg.mlp} (its hidden size is "
+                        f"8/3 x model_dim rounded up to {GATED_HIDDEN_MULTIPLE} = {gated_hidden_size(cfg.model_dim)}); "
+                        f"set model.mlp_hidden instead")
+    if not math.isfinite(cfg.mlp_slope) or not 0.0 <= cfg.mlp_slope <= 1.0:
+        problems.append(f"model.mlp_slope must be within [0, 1], got {cfg.mlp_slope}")
+    if cfg.recurrence < 1:
+        problems.append(f"model.recurrence must be >= 1 (1: every block runs once), got {cfg.recurrence}")
+    if cycle_enabled(cfg):
+        parts = (cfg.cycle_stem, cfg.cycle_core, cfg.cycle_repeats, cfg.cycle_tail)
+        if cfg.recurrence != 1:
+            problems.append("model.recurrence and the middle cycle (model.cycle_*) exclude each other: "
+                            "set model.recurrence=1 or the cycle_* keys to 0")
+        if min(parts) < 0 or cfg.cycle_core < 1 or cfg.cycle_repeats < 1:
+            problems.append("the middle cycle needs model.cycle_core >= 1 and model.cycle_repeats >= 1 "
+                            "(model.cycle_stem, model.cycle_tail >= 0)")
+        elif cfg.cycle_stem + cfg.cycle_core + cfg.cycle_tail != cfg.num_layers:
+            problems.append(f"model.num_layers={cfg.num_layers} must equal model.cycle_stem + model.cycle_core + "
+                            f"model.cycle_tail = {cfg.cycle_stem + cfg.cycle_core + cfg.cycle_tail} (the unique "
+                            f"blocks); set model.num_layers={cfg.cycle_stem + cfg.cycle_core + cfg.cycle_tail}")
+    return problems
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.schedule = block_schedule(cfg)
+        self.unique_depth = cfg.num_layers  # distinct blocks (parameters)
+        self.effective_depth = self.schedule.effective_depth  # blocks run per forward pass
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.num_encoder_layers = cfg.num_layers // 2
-        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
-        num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim, dtype=torch.float32))
+        self.num_encoder_layers = len(self.schedule.encoder)
+        self.num_decoder_layers = len(self.schedule.decoder)
+        self.skip_weights = nn.Parameter(torch.ones(self.schedule.num_skips, cfg.model_dim, dtype=torch.float32))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
         self._init_weights()
@@ -151,16 +270,21 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.weight)
 
     def hidden_states(self, input_ids: Tensor) -> Tensor:
+        schedule = self.schedule
         x = rms_norm(self.tok_emb(input_ids))
         x0 = x
+        for i in schedule.plain:
+            x = self.blocks[i](x, x0)
         skips = []
-        for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0)
+        for i in schedule.encoder:
+            x = self.blocks[i](x, x0)
             skips.append(x)
-        for i, block in enumerate(self.blocks[self.num_encoder_layers :]):
+        for i in schedule.middle:
+            x = self.blocks[i](x, x0)
+        for j, i in enumerate(schedule.decoder):
             if skips:
-                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            x = self.blocks[i](x, x0)
         return rms_norm(x)
 
     def logits(self, input_ids: Tensor) -> Tensor:

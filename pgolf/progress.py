@@ -17,7 +17,10 @@ class TrainProgress:
 
     def __enter__(self) -> "TrainProgress":
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            try:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            except ImportError:  # rich is optional: a bundled train_gpt.py runs without it
+                return self
 
             self._progress = Progress(
                 TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

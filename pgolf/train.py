@@ -29,12 +29,17 @@ from pgolf.data import (DistributedTokenLoader, check_token_range, load_validati
 from pgolf.distributed import DistInfo, setup_distributed, teardown_distributed
 from pgolf.evaluate import EvalResult, autocast_for, evaluate_bpb
 from pgolf.export import export_and_roundtrip, size_to_dict
-from pgolf.model import GPT, build_model, count_parameters
-from pgolf.optim import Optimizers, build_optimizers, muon_momentum_at, orthogonalize
+from pgolf.ledger import record_run_end, record_run_start
+from pgolf.losses import ChunkedLossModel, use_fused_loss
+from pgolf.model import GPT, build_model, count_parameters, mlp_hidden_size
+from pgolf.compile_check import RecompileWatch
+from pgolf.optim import Optimizers, build_optimizers, muon_momentum_at, orthogonalize, resolve_switch
+from pgolf.parallel_muon import ddp_ignore, use_parallel_muon
 from pgolf.progress import TrainProgress
 from pgolf.qat import disable_qat, enable_qat, qat_suspended
 from pgolf.runs import RunError, RunLogger, create_run_dir, find_run_dir, read_json, write_json
 from pgolf.schedule import lr_scale
+from pgolf.sdpa import attention_shape, sdpa_backend
 from pgolf.tokenizer import check_vocab, load_tokenizer
 
 
@@ -99,21 +104,29 @@ class Trainer:
         self.cfg, self.info, self.data, self.logger = cfg, info, data, logger
         seed_everything(cfg.train.seed)
         self.base_model: GPT = build_model(cfg.model, info.device)
-        compiled = use_compile(cfg, info.device)
+        self.compiled = compiled = use_compile(cfg, info.device)
+        self.fused_loss = use_fused_loss(cfg.train.fused_loss, info.device)
+        # What training and validation call: the model, its loss chunked (pgolf.losses), compiled.
+        loss_model = ChunkedLossModel(self.base_model) if self.fused_loss else self.base_model
         if compiled:
-            self.fast_model = torch.compile(self.base_model, dynamic=False, fullgraph=True)
+            self.fast_model = torch.compile(loss_model, dynamic=False, fullgraph=True)
         else:
-            self.fast_model = self.base_model
+            self.fast_model = loss_model
+        parallel_muon = use_parallel_muon(cfg.optim.parallel_muon, info.device, info.world_size,
+                                          cfg.train.grad_clip_norm)
+        self.optimizers: Optimizers = build_optimizers(self.base_model, cfg.optim, info.device, parallel_muon)
+        if parallel_muon:  # Parallel Muon reduce-scatters the matrices' gradients itself, not DDP
+            ddp_ignore(self.fast_model, self.optimizers.muon.param_groups[0]["params"])
         self.model = (
             DDP(self.fast_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                 broadcast_buffers=False)
             if info.distributed else self.fast_model
         )
-        self.optimizers: Optimizers = build_optimizers(self.base_model, cfg.optim, info.device)
         if compiled:
             self.optimizers.muon.orthogonalize = torch.compile(orthogonalize)
         self.loader = DistributedTokenLoader(data.train_files, info.rank, info.world_size, info.device,
-                                             vocab_size=cfg.model.vocab_size)
+                                             vocab_size=cfg.model.vocab_size,
+                                             prefetch=resolve_switch(cfg.data.prefetch, info.device.type == "cuda"))
         self.step = 0
         self.training_time_ms = 0.0
 
@@ -137,6 +150,7 @@ class Trainer:
         for micro in range(accum):
             if self.info.distributed:
                 self.model.require_backward_grad_sync = micro == accum - 1
+                self.optimizers.arm_backward_sync(micro == accum - 1)
             x, y = self.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum)
             with autocast_for(self.info.device):
                 loss = self.model(x, y)
@@ -162,15 +176,16 @@ class Trainer:
         self.restore(saved)
         self.optimizers.zero_grad()
 
-    def validate(self) -> EvalResult:
-        """Score the weights themselves: quantization-aware-training hooks are off meanwhile."""
+    def validate(self, stride: int | None = None) -> EvalResult:
+        """Score the weights themselves: quantization-aware-training hooks are off meanwhile.
+        stride None is the standard evaluation; smaller slides the windows."""
         with qat_suspended(self.base_model):
-            return self._validate()
+            return self._validate(stride)
 
-    def _validate(self) -> EvalResult:
+    def _validate(self, stride: int | None = None) -> EvalResult:
         return evaluate_bpb(self.fast_model, self.data.val_tokens, self.data.luts, self.cfg.train.train_seq_len,
                             self.cfg.train.val_batch_size // (self.info.world_size * self.info.grad_accum_steps),
-                            self.info.device, self.info.rank, self.info.world_size)
+                            self.info.device, self.info.rank, self.info.world_size, stride=stride)
 
 
 def _sync(device: torch.device) -> None:
@@ -256,8 +271,10 @@ def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied,
     summary_path = run_dir / "summary.json"
     if info.is_main:
         write_json(summary_path, {"status": "running", "run_id": run_dir.name})
+        record_run_start(run_dir, info.device, info.world_size)
     try:
-        return _train_export(cfg, info, run_dir, logger, resumed, env_applied, interrupt_at_step)
+        with sdpa_backend(cfg.train.sdpa_backend, info.device, attention_shape(cfg), logger.log, info.broadcast_object):
+            return _train_export(cfg, info, run_dir, logger, resumed, env_applied, interrupt_at_step)
     except KeyboardInterrupt:
         if info.is_main:
             write_json(summary_path, {"status": "interrupted", "run_id": run_dir.name})
@@ -268,6 +285,9 @@ def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied,
             write_json(summary_path, {"status": "failed", "run_id": run_dir.name, "error": str(exc)})
             logger.event("error", message=str(exc))
         raise
+    finally:
+        if info.is_main:  # the ledger row takes the outcome summary.json now holds
+            record_run_end(run_dir)
 
 
 def _interrupted_message(run_dir: Path) -> str:
@@ -285,9 +305,15 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
         logger.log("official environment variables applied: " + " ".join(env_applied))
     data = prepare_data(cfg, info, logger)
     trainer = Trainer(cfg, info, data, logger)
-    logger.log(f"model_params: {count_parameters(trainer.base_model):,}  layers: {cfg.model.num_layers}  "
+    model = trainer.base_model
+    logger.log(f"model_params: {count_parameters(model):,}  layers: {cfg.model.num_layers}  "
                f"dim: {cfg.model.model_dim}  heads: {cfg.model.num_heads}/{cfg.model.num_kv_heads}  "
-               f"compile: {trainer.fast_model is not trainer.base_model}")
+               f"compile: {trainer.compiled}")
+    muon = trainer.optimizers.muon
+    logger.log(f"speed: muon {type(muon).__name__} (batched_ns {muon.batched})  prefetch: {trainer.loader.prefetch}  "
+               f"fused_loss: {trainer.fused_loss}")
+    logger.log(f"architecture: mlp {cfg.model.mlp} (hidden {mlp_hidden_size(cfg.model)})  unique_depth: "
+               f"{model.unique_depth}  effective_depth: {model.effective_depth}")
     ckpt_dir = run_dir / "checkpoints"
     trainer.warmup(cfg.train.warmup_steps)
     if resumed:
@@ -299,6 +325,7 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
         logger.event("resume", step=trainer.step, checkpoint=path.name)
 
     status, stop_reason = _loop(trainer, cfg, info, logger, ckpt_dir, interrupt_at_step)
+    trainer.loader.close()  # training consumed its last batch: stop the prefetch thread
     summary = {"status": status, "run_id": run_dir.name, "steps": trainer.step,
                "train_time_ms": round(trainer.training_time_ms, 1), "stop_reason": stop_reason}
     if status != "trained":
@@ -315,6 +342,7 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
         status="done" if result.size.fits else "over_cap",
         pre_quant=pre.to_dict(),
         roundtrip=result.roundtrip.to_dict(),
+        roundtrip_stride=result.stride,
         size=size_to_dict(result.size),
         val_tokens_scored=data.val_tokens.numel() - 1,
         val_tokens_total=data.val_tokens_total,
@@ -343,6 +371,7 @@ def _loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt
         if tcfg.max_wallclock_seconds > 0 else None
     progress = TrainProgress(tcfg.iterations, enabled=info.is_main and logger.console, logger=logger)
     clock = TrainClock(info, trainer.training_time_ms)
+    recompiles = RecompileWatch(enabled=trainer.compiled)
     now_ms = trainer.training_time_ms
     qat_pending = cfg.qat.enabled
     try:
@@ -368,7 +397,12 @@ def _loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt
                     logger.log(f"qat: {cfg.qat.mode} int{cfg.qat.bits} on {n} linear layers from step {trainer.step}")
                     logger.event("qat", step=trainer.step, layers=n, bits=cfg.qat.bits, mode=cfg.qat.mode)
                 scale = lr_scale(trainer.step, now_ms, tcfg)
+                recompiles.before_step()
                 loss_value = trainer.train_step(scale).item()
+                if new_graphs := recompiles.after_step():
+                    logger.log(f"recompile: step {trainer.step + 1} compiled {new_graphs} new graph(s) after warmup "
+                               f"(a shape or guard changed; the step stalled while compiling)")
+                    logger.event("recompile", step=trainer.step + 1, graphs=new_graphs)
                 trainer.step += 1
                 # One collective per step: the shared clock reading and any rank's divergence.
                 now_ms, diverged = info.max_all([clock.local_ms(), float(not math.isfinite(loss_value))])
@@ -422,7 +456,7 @@ def _print_final(logger: RunLogger, summary: dict, trainer: Trainer, cfg: Config
     for line in result.size.lines():
         logger.log(line)
     logger.log(f"roundtrip  val_loss: {rt['val_loss']:.4f}  val_bpb: {rt['val_bpb']:.4f}  "
-               f"(artifact reloaded from {result.path.name})")
+               f"(artifact reloaded from {result.path.name}, window stride {result.stride})")
     logger.log(f"final_roundtrip_exact val_loss:{rt['val_loss']:.8f} val_bpb:{rt['val_bpb']:.8f}")
     if summary["val_tokens_scored"] < summary["val_tokens_total"]:
         logger.log(f"note: scored {summary['val_tokens_scored']:,} of {summary['val_tokens_total']:,} val tokens "

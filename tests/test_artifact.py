@@ -1,13 +1,10 @@
 import hashlib
 import struct
-from pathlib import Path
 
 import pytest
 import torch
 
-import pgolf
 from pgolf import artifact
-from pgolf import accounting
 from pgolf.accounting import SIZE_CAP_BYTES, check_size, code_bytes_of_package, size_report
 from pgolf.artifact import MAGIC, ArtifactError, pack_artifact, read_artifact, unpack_artifact, write_artifact
 from pgolf.quant import QuantizedTensor, dequantize_state_dict, quantize_state_dict
@@ -196,21 +193,14 @@ def test_size_report_arithmetic_and_cap():
         check_size(over)
 
 
-def test_code_bytes_count_the_shipped_form_of_every_source_file():
-    import base64
-    import lzma
+def test_code_bytes_are_the_length_of_the_shipped_train_gpt():
+    """Counted code bytes are the length of the single-file train_gpt.py (tests/test_bundle.py
+    checks what it holds); without a config, the default config's."""
+    from pgolf.bundle import build_bundle
+    from pgolf.config import Config
 
-    root = Path(pgolf.__file__).resolve().parent
-    files = sorted(root.rglob("*.py"))
-    line, n_files, raw = accounting.bundled_package_code()
-    # The counted line really decompresses to every source file, in full.
-    blob = line.split(b'b85decode(b"')[1].split(b'"')[0]
-    sources = lzma.decompress(base64.b85decode(blob))
-    assert n_files == len(files) and raw == len(sources)
-    for f in files:
-        assert f"# {f.relative_to(root)}\n".encode() + f.read_bytes() in sources
     n, desc = code_bytes_of_package()
-    assert n == len(line) < raw and "lzma + base85" in desc
+    assert n == len(build_bundle(Config())) and "train_gpt.py" in desc and "sha256:" in desc
     r = size_report(10)
     assert r.code_bytes == n and r.total_bytes == 10 + n
 

@@ -270,3 +270,182 @@ def test_optimizers_step_updates_every_parameter_and_state_round_trips():
     fresh = build_optimizers(model, OptimConfig(), CPU)
     fresh.load_state_dict(states)
     assert [len(o.state) for o in fresh.all()] == [len(o.state) for o in opts.all()]
+
+
+# ----------------------------------------------------------------------------------------
+# Decoupled weight decay (optim.muon_wd, optim.adam_wd)
+# ----------------------------------------------------------------------------------------
+
+def test_muon_weight_decay_exact_on_a_tiny_tensor():
+    # A zero gradient orthogonalises to a zero update, so only the decay acts: p * (1 - lr wd).
+    p = torch.nn.Parameter(torch.tensor([[1.0, 2.0, -4.0], [3.0, 4.0, 0.5]]))
+    p.grad = torch.zeros_like(p)
+    opt = Muon([p], lr=0.5, momentum=0.95, backend_steps=5, ns_dtype=torch.float32, weight_decay=0.5)
+    opt.step()
+    assert torch.equal(p.detach(), torch.tensor([[0.75, 1.5, -3.0], [2.25, 3.0, 0.375]]))
+    opt.param_groups[0]["lr"] = 0.25  # the scheduled lr, not the base one, scales the decay
+    opt.step()
+    assert torch.equal(p.detach(), torch.tensor([[0.75, 1.5, -3.0], [2.25, 3.0, 0.375]]) * 0.875)
+
+
+def decayed_replay(p0, deltas, decay):
+    """Weights after steps whose updates do not depend on the weights: p <- d p + delta_k."""
+    p = p0.clone()
+    for delta in deltas:
+        p = decay * p + delta
+    return p
+
+
+def run_steps(opt, p, grads):
+    """Step opt on p for each gradient; returns p's change at every step."""
+    deltas = []
+    for g in grads:
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        deltas.append(p.detach() - before)
+    return deltas
+
+
+def test_muon_weight_decay_is_decoupled_from_the_update():
+    # Muon's updates depend only on the gradients, so with decay d = 1 - lr wd the decayed run is
+    # the plain run's updates replayed as p <- d p + delta_k.
+    p0 = randn(16, 8, seed=5)
+    grads = [randn(16, 8, seed=6 + k) for k in range(3)]
+    plain = torch.nn.Parameter(p0.clone())
+    deltas = run_steps(Muon([plain], lr=0.04, momentum=0.9, backend_steps=5, ns_dtype=torch.float32), plain, grads)
+    decayed = torch.nn.Parameter(p0.clone())
+    run_steps(Muon([decayed], lr=0.04, momentum=0.9, backend_steps=5, ns_dtype=torch.float32, weight_decay=0.1),
+              decayed, grads)
+    assert torch.allclose(decayed.detach(), decayed_replay(p0, deltas, 1 - 0.04 * 0.1), atol=1e-6, rtol=0)
+    assert not torch.allclose(decayed.detach(), plain.detach(), atol=1e-3)
+
+
+def test_muon_without_gradient_is_not_decayed():
+    a = torch.nn.Parameter(randn(8, 4, seed=1))
+    b = torch.nn.Parameter(randn(4, 8, seed=2))
+    before = b.detach().clone()
+    a.grad = randn(8, 4, seed=3)
+    Muon([a, b], lr=0.1, momentum=0.95, backend_steps=5, ns_dtype=torch.float32, weight_decay=0.5).step()
+    assert torch.equal(b, before)
+
+
+def test_default_config_keeps_plain_adam_and_no_decay():
+    torch.manual_seed(0)
+    opts = build_optimizers(GPT(ModelConfig(**TINY, tie_embeddings=False)), OptimConfig(), CPU)
+    for opt in (opts.adam_token, opts.adam_scalar, opts.adam_head):
+        assert type(opt) is torch.optim.Adam and opt.param_groups[0]["weight_decay"] == 0
+    assert opts.muon.param_groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_weight_decay_of_every_group_uses_its_scheduled_lr_exactly(tie):
+    # Zero gradients: Adam's and Muon's updates are exactly zero, so every parameter must be
+    # exactly p * (1 - lr * wd) with its own group's scheduled lr.
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY, tie_embeddings=tie))
+    cfg = OptimConfig(muon_wd=0.5, adam_wd=0.25)
+    opts = build_optimizers(model, cfg, CPU)
+    for opt in (opts.adam_token, opts.adam_scalar) + ((opts.adam_head,) if not tie else ()):
+        assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 0.25
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opts.set_lr_scale(0.5)
+    opts.step()
+    for opt in opts.all():
+        group = opt.param_groups[0]
+        wd = 0.5 if opt is opts.muon else 0.25
+        assert group["lr"] == 0.5 * group["base_lr"]
+        for p in group["params"]:
+            name = next(n for n, q in model.named_parameters() if q is p)
+            assert torch.equal(p.detach(), before[name] * (1 - group["lr"] * wd)), name
+
+
+def test_adam_weight_decay_is_decoupled():
+    # AdamW's direction depends only on the gradients: the same replay with d = 1 - lr wd = 0.95.
+    p0 = randn(6, 4, seed=8)
+    grads = [randn(6, 4, seed=9 + k) for k in range(3)]
+    plain = torch.nn.Parameter(p0.clone())
+    deltas = run_steps(torch.optim.Adam([plain], lr=0.1, betas=(0.9, 0.95), eps=1e-8), plain, grads)
+    decayed = torch.nn.Parameter(p0.clone())
+    run_steps(torch.optim.AdamW([decayed], lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.5), decayed, grads)
+    assert torch.allclose(decayed.detach(), decayed_replay(p0, deltas, 0.95), atol=1e-6, rtol=0)
+    assert not torch.allclose(decayed.detach(), plain.detach(), atol=1e-2)
+
+
+def test_weight_decay_config_is_validated():
+    from pgolf.config import ConfigError, resolve_config
+
+    cfg, _ = resolve_config(None, ["optim.muon_wd=0.02", "optim.adam_wd=0.01"], env={})
+    assert (cfg.optim.muon_wd, cfg.optim.adam_wd) == (0.02, 0.01)
+    with pytest.raises(ConfigError, match="optim.muon_wd must be >= 0"):
+        resolve_config(None, ["optim.muon_wd=-0.1"], env={})
+
+
+# ----------------------------------------------------------------------------------------
+# Batched Newton-Schulz (optim.batched_ns)
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(24, 8), (8, 24), (16, 16)])
+def test_batched_orthogonalize_is_the_quintic_iteration_per_matrix(shape):
+    stack = torch.stack([randn(*shape, seed=20 + i, dtype=torch.float64) for i in range(4)])
+    stack[2] *= 100.0  # each matrix is normalised by its own norm, not the stack's
+    out = orthogonalize(stack, steps=5, dtype=torch.float64)
+    assert out.shape == stack.shape
+    for i in range(4):
+        assert torch.allclose(out[i], quintic_newton_schulz(stack[i], 5), rtol=1e-10, atol=1e-12)
+    # The iteration count is honoured: 3 steps is a different (less converged) result.
+    assert not torch.allclose(orthogonalize(stack, steps=3, dtype=torch.float64)[0], out[0], atol=1e-3)
+
+
+def test_batched_orthogonalize_matches_per_matrix_fp32():
+    stack = torch.stack([randn(32, 48, seed=30 + i) for i in range(6)])
+    batched = orthogonalize(stack, steps=5, dtype=torch.float32)
+    for i in range(6):
+        assert torch.allclose(batched[i], orthogonalize(stack[i], 5, torch.float32), atol=1e-5, rtol=0)
+
+
+def test_orthogonalize_many_groups_by_shape_and_keeps_order():
+    from pgolf.optim import orthogonalize_many
+
+    shapes = [(16, 32), (32, 16), (16, 32), (8, 8), (24, 8), (16, 32)]  # (32,16) joins the (16,32) bank
+    mats = [randn(*s, seed=40 + i) for i, s in enumerate(shapes)]
+    calls = []
+
+    def counting(x, steps, dtype):
+        calls.append(tuple(x.shape))
+        return orthogonalize(x, steps, dtype)
+
+    out = orthogonalize_many(mats, 5, torch.float32, counting)
+    assert sorted(calls) == sorted([(4, 16, 32), (8, 8), (24, 8)])
+    for m, o in zip(mats, out):
+        assert o.shape == m.shape
+        assert torch.allclose(o, orthogonalize(m, 5, torch.float32), atol=1e-5, rtol=0)
+    assert torch.equal(out[3], orthogonalize(mats[3], 5, torch.float32))  # a lone matrix: unbatched path
+
+
+def test_muon_batched_matches_per_matrix_muon():
+    shapes = [(48, 16), (16, 48), (16, 48), (32, 32), (32, 32)]
+    finals = []
+    for batched in (False, True):
+        params = [torch.nn.Parameter(randn(*s, seed=50 + i)) for i, s in enumerate(shapes)]
+        opt = Muon(params, lr=0.04, momentum=0.9, backend_steps=5, ns_dtype=torch.float32, batched=batched)
+        for k in range(3):
+            for i, p in enumerate(params):
+                p.grad = randn(*p.shape, seed=100 * k + i)
+            opt.step()
+        finals.append([p.detach() for p in params])
+    for a, b in zip(*finals):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_batched_ns_switch():
+    from pgolf.config import ConfigError, resolve_config
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    assert not build_optimizers(model, OptimConfig(), CPU).muon.batched  # auto: on for CUDA only
+    assert build_optimizers(model, OptimConfig(batched_ns="on"), CPU).muon.batched
+    with pytest.raises(ConfigError, match="optim.batched_ns must be auto, on or off"):
+        resolve_config(None, ["optim.batched_ns=yes"], env={})

@@ -69,7 +69,7 @@ def test_short_run_on_fineweb_sample(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "tokenizer fineweb_1024_bpe" in out and "roundtrip" in out
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # beside ledger.sqlite
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "done" and summary["val_tokens_total"] == 392_384
     assert json.loads((run_dir / "config.json").read_text())["config"]["model"]["vocab_size"] == 1024
