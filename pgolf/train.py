@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pgolf.accounting import check_size
 from pgolf.artifact import ArtifactError
 from pgolf.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from pgolf.compile_check import RecompileWatch
 from pgolf.config import Config, config_from_dict
 from pgolf.data import (DistributedTokenLoader, check_token_range, load_validation_tokens, read_shard_header,
                         resolve_shards)
@@ -32,7 +33,6 @@ from pgolf.export import export_and_roundtrip, size_to_dict
 from pgolf.ledger import record_run_end, record_run_start
 from pgolf.losses import ChunkedLossModel, use_fused_loss
 from pgolf.model import GPT, build_model, count_parameters, mlp_hidden_size
-from pgolf.compile_check import RecompileWatch
 from pgolf.optim import Optimizers, build_optimizers, muon_momentum_at, orthogonalize, resolve_switch
 from pgolf.parallel_muon import ddp_ignore, use_parallel_muon
 from pgolf.progress import TrainProgress
