@@ -24,6 +24,13 @@ class ExportResult:
     stride: int  # window stride of the roundtrip evaluation (train_seq_len: the standard one)
 
 
+def artifact_meta(cfg) -> dict:
+    """The metadata an artifact carries: its run id (cfg.run.run_id, set to the run directory's
+    name when training starts) and the resolved config. The planner packs the same, so its
+    byte estimate includes it."""
+    return {"run_id": cfg.run.run_id, "config": cfg.to_dict()}
+
+
 def size_to_dict(report: SizeReport) -> dict:
     return {**asdict(report), "overage": report.overage}
 
@@ -45,8 +52,8 @@ def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
                    f"{trainer.training_time_ms / 1000 + plan.seconds:.1f} s")
 
     def write() -> dict:
-        meta = {"run_id": run_dir.name, "config": cfg.to_dict()}
-        blob = pack_artifact(plan.qdict, meta=meta, compressor=e.compressor, storage=e.storage, layout=e.layout)
+        blob = pack_artifact(plan.qdict, meta=artifact_meta(cfg), compressor=e.compressor, storage=e.storage,
+                             layout=e.layout)
         # The run directory belongs to this run alone; an artifact already in it is a stale one
         # from an attempt that stopped before finishing (a resumed run replaces it).
         write_artifact(path, blob, overwrite=True)

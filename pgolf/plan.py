@@ -180,11 +180,13 @@ def estimate_artifact(model: GPT, cfg: Config, steps: int, laws: dict[str, Drift
     (plan_export), pack and compress (pack_artifact). Returns bytes and what was chosen."""
     from pgolf.artifact import describe_artifact
     from pgolf.compress import plan_export
+    from pgolf.export import artifact_meta
     from pgolf.runs import new_run_id
 
     notes = []
     plan_cfg = copy.deepcopy(cfg)
     plan_cfg.run.run_id = cfg.run.run_id or new_run_id(cfg)  # the meta stores the run id, as in training
+    meta = artifact_meta(plan_cfg)  # before the export settings below are adjusted for speed
     e = plan_cfg.export
     start = time.perf_counter()
     draw_trained_state(model, cfg, steps, laws)
@@ -200,7 +202,6 @@ def estimate_artifact(model: GPT, cfg: Config, steps: int, laws: dict[str, Drift
             train_files = _calibration_files(cfg, Path(tmp))
             notes.append(f"export.allocate: Hessians from {e.gptq_seqs} sequences for the estimate")
         plan = plan_export(model, plan_cfg, train_files, torch.device("cpu"), code_bytes)
-    meta = {"run_id": plan_cfg.run.run_id, "config": {**cfg.to_dict(), "run": plan_cfg.to_dict()["run"]}}
     blob = _pack(plan.qdict, meta, e, notes)
     described = describe_artifact(blob)  # components before compression: a per-component split would cost
     # another compression of the whole payload (training logs it; the planner reports the total)

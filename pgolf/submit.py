@@ -31,6 +31,7 @@ from typing import Any
 from pgolf.bundle import BUNDLE_NAME, bundle_config, bundle_modules, build_bundle, describe_code
 from pgolf.config import Config, ConfigError, config_from_dict
 from pgolf.runs import RunError, find_run_dir, group_run_dirs, read_json
+from pgolf.stats import summarize
 
 DEFAULT_TRACK = "track_10min_16mb"
 TRACK_TIME_LIMIT_S = 600.0  # the record track's training budget
@@ -210,7 +211,8 @@ def _show(value: Any) -> str:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+    s = summarize(values)
+    return s.mean, (s.std if s.n > 1 else None)  # no spread to report from one seed
 
 
 def seed_results(records: list[RunRecord], code_bytes: int) -> dict[str, dict]:
