@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from pgolf.artifact import describe_artifact, pack_artifact, unpack_artifact
-from pgolf.checkpoint import latest_checkpoint
-from pgolf.compress import plan_export
+from pgolf.compress.container import describe_artifact, pack_artifact, unpack_artifact
+from pgolf.train.checkpoint import latest_checkpoint
+from pgolf.compress.policy import plan_export
 from pgolf.config import config_from_dict
-from pgolf.data import load_validation_tokens, resolve_shards
-from pgolf.evaluate import evaluate_bpb
-from pgolf.model import build_model
-from pgolf.quant import dequantize_state_dict
+from pgolf.data.shards import load_validation_tokens, resolve_shards
+from pgolf.eval.windows import evaluate_bpb
+from pgolf.model.gpt import build_model
+from pgolf.compress.quant import dequantize_state_dict
 from pgolf.runs import read_json
-from pgolf.tokenizer import load_tokenizer
+from pgolf.data.tokenizer import load_tokenizer
 
 SCHEMES = {
     "int8 (official)": {},

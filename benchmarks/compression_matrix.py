@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from pgolf.artifact import LAYOUTS, STORAGES, available_compressors, pack_artifact
-from pgolf.quant import dequantize_state_dict, quantize_state_dict
+from pgolf.compress.container import LAYOUTS, STORAGES, available_compressors, pack_artifact
+from pgolf.compress.quant import dequantize_state_dict, quantize_state_dict
 
 SCHEMES = ("int8", "int6", "int5", "int4")
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from pgolf.evalrun import EvalOptions, run_eval
-from pgolf.receipt import audit_file
-from pgolf.ttt import TTTConfig
+from pgolf.eval.run import EvalOptions, run_eval
+from pgolf.eval.receipt import audit_file
+from pgolf.eval.ttt import TTTConfig
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ excluded too, so ms/step = (train_time[skip + steps] - train_time[skip]) / steps
 pgolf's metrics.jsonl and from the official script's `step:N/M ... train_time:Tms` lines.
 Reported per side: ms/step, tokens/s, MFU, peak memory and val_bpb after the same steps.
 
-MFU = FLOPs per token (pgolf.plan.count_flops: forward + backward, dense attention) x tokens/s
+MFU = FLOPs per token (pgolf.lab.plan.count_flops: forward + backward, dense attention) x tokens/s
 over the device's matmul peak measured here (bf16 on CUDA, fp32 on CPU).
 Peak memory: torch.cuda.max_memory_allocated of the process on CUDA (the official script
 prints its own), peak RSS on CPU.
@@ -63,7 +63,7 @@ def matmul_peak_flops(device: torch.device, size: int, seconds: float = 1.0) -> 
 
 
 def flops_per_token(cfg: Config) -> float:
-    from pgolf.plan import build_initial_model, count_flops
+    from pgolf.lab.plan import build_initial_model, count_flops
 
     return count_flops(build_initial_model(cfg), cfg.train.train_seq_len)["total"]
 
@@ -95,7 +95,7 @@ def side_result(ms: float, steps: int, cfg: Config, fpt: float, peak: float, mem
 
 def run_pgolf(cfg: Config, device: torch.device) -> tuple[dict[int, float], float | None]:
     from pgolf.runs import read_metrics
-    from pgolf.train import run_training
+    from pgolf.train.run import run_training
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

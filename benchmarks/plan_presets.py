@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from pgolf.config import REPO_CONFIG_DIR, ConfigError, resolve_config
-from pgolf.plan import plan_config
-from pgolf.plan_cli import render
+from pgolf.lab.plan import plan_config
+from pgolf.lab.plan_cli import render
 
 
 def main(argv: list[str] | None = None) -> int:

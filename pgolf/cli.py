@@ -11,14 +11,14 @@ from pathlib import Path
 
 from pgolf.config import (DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, Config, ConfigError, official_env_present,
                           resolve_config)
-from pgolf.distributed import MICRO_BATCHES
-from pgolf.experiments import register_compare, register_run
-from pgolf.ledger import register as register_ledger
-from pgolf.plots import register as register_plot
-from pgolf.plan_cli import register as register_plan
-from pgolf.submit import register as register_submit
-from pgolf.sweep import register as register_sweep
-from pgolf.ttt import TTTConfig
+from pgolf.runtime.distributed import MICRO_BATCHES
+from pgolf.lab.experiments import register_compare, register_run
+from pgolf.lab.ledger import register as register_ledger
+from pgolf.lab.plots import register as register_plot
+from pgolf.lab.plan_cli import register as register_plan
+from pgolf.lab.submit import register as register_submit
+from pgolf.lab.sweep import register as register_sweep
+from pgolf.eval.ttt import TTTConfig
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -138,7 +138,7 @@ def _data_dir_overrides(data_dir: Path, user_overrides: list[str]) -> list[str]:
         else:
             raise ConfigError(f"--data {data_dir}: no SentencePiece .model file in it; pass data.tokenizer_path=PATH")
         if "model.vocab_size" not in user_keys:
-            from pgolf.tokenizer import load_tokenizer
+            from pgolf.data.tokenizer import load_tokenizer
 
             out.append(f"model.vocab_size={load_tokenizer(models[0]).vocab_size}")
     return out
@@ -188,7 +188,7 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.nproc is not None and "RANK" not in os.environ:
         return _launch_torchrun(args, argv)
-    from pgolf.train import run_training
+    from pgolf.train.run import run_training
 
     if args.resume:
         if args.overrides or args.config or args.data:
@@ -204,7 +204,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pgolf.evalrun import EvalOptions, run_eval
+    from pgolf.eval.run import EvalOptions, run_eval
 
     ttt = None
     if args.ttt:
@@ -221,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from pgolf.receipt import AuditFailure, audit_file
+    from pgolf.eval.receipt import AuditFailure, audit_file
 
     try:
         report = audit_file(args.receipt)
@@ -241,15 +241,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "fineweb":
-        from pgolf.fineweb import download_fineweb
+        from pgolf.data.fineweb import download_fineweb
 
         kwargs = {"repo_id": args.repo_id} if args.repo_id else {}
         report = download_fineweb(variant=args.variant, train_shards=args.train_shards, root=args.root,
                                   with_docs=args.with_docs, source_dir=args.from_dir, **kwargs)
         print(json.dumps(report, indent=2, default=str))
         return 0
-    from pgolf.data import iter_documents, tokenize_to_shards
-    from pgolf.tokenizer import load_tokenizer
+    from pgolf.data.shards import iter_documents, tokenize_to_shards
+    from pgolf.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     stats = tokenize_to_shards(iter_documents(args.input), tokenizer, args.out, num_val_docs=args.val_docs,

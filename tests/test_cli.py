@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from pgolf.cli import main as cli_main
-from pgolf.data import read_shard
-from tests.test_train import tiny_config
-from pgolf.train import run_training
+from pgolf.data.shards import read_shard
+from tests.train.test_train import tiny_config
+from pgolf.train.run import run_training
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fineweb_sp1024_sample"
 

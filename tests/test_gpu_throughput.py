@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import TINY_MODEL, synthetic_overrides
+from tests.train.test_train import TINY_MODEL, synthetic_overrides
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_throughput.py"
 TINY = [*TINY_MODEL, "train.train_batch_tokens=1024", "train.train_seq_len=64", "train.val_batch_size=4096",

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from pgolf.artifact import read_artifact
+from pgolf.compress.container import read_artifact
 from pgolf.config import Config, resolve_config
-from pgolf.model import GPT
-from pgolf.quant import dequantize_state_dict
+from pgolf.model.gpt import GPT
+from pgolf.compress.quant import dequantize_state_dict
 from pgolf.runs import read_metrics
-from pgolf.train import run_training
+from pgolf.train.run import run_training
 
 GOLDEN = Path(__file__).with_name("baseline.json")
 SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fineweb_sp1024_sample"

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from pgolf.config import Config, apply_overrides
-from pgolf.model import GPT, build_model
-from pgolf.optim import build_optimizers
-from pgolf.plan import component_of
-from pgolf.qat import qat_layers
-from pgolf.quant import quantize_state_dict
+from pgolf.model.gpt import GPT, build_model
+from pgolf.train.optim import build_optimizers
+from pgolf.lab.plan import component_of
+from pgolf.train.qat import qat_layers
+from pgolf.compress.quant import quantize_state_dict
 
 GOLDEN = Path(__file__).with_name("treatment.json")
 SHAPES = {

@@ -1,0 +1,1 @@
+"""Compression: quantizers, packing, the artifact container and size accounting."""

@@ -1,0 +1,428 @@
+"""Full GPTQ (Frantar et al., 2022) for per-row symmetric intN weights.
+
+Pipeline::
+
+    batches = calibration_batches(train_files, seq_len, n_seqs, device)  # TRAINING shards only
+    hessians = collect_hessians(model, batches)        # H = X^T X / rows, per CastedLinear
+    result = gptq_state_dict(model, hessians, bits_for=lambda name: 6)
+    result.tensors[name] -> (q int8 [rows, cols], scale fp16 [rows], bits)
+
+Storage format (the same as the quant module's per-row intN): ``w ~= q * scale[:, None]``
+with ``q = clamp(round(w / scale), -(2^(N-1) - 1), 2^(N-1) - 1)`` held in int8 and one fp16
+scale per row, ``scale = max(clip / (2^(N-1) - 1), MIN_SCALE)`` rounded to fp16 *before*
+the codes are computed, so dequantizing with the stored fp16 scale is exact.
+
+GPTQ keeps each row's scale fixed up front (from the weights, optionally with a clip search)
+and only chooses the integer codes: it quantizes one column at a time and pushes that
+column's rounding error onto the columns not yet quantized, weighted by the inverse
+Hessian, so the layer *output* error ``||X W^T - X W_hat^T||^2 = tr(E H E^T)`` is what is
+minimised rather than the plain weight error. Columns are processed in blocks with a lazy
+(batched) update of the later columns; ``act_order`` quantizes columns of large Hessian
+diagonal first.
+
+Legality: the calibration data come from the training shards (``calibration_batches``
+refuses validation files), and the seconds spent collecting Hessians and running GPTQ are
+returned so a caller can charge them to the training wall-clock budget.
+
+This module is self-contained on purpose (it does not depend on the quant module's API).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pgolf.compress.quant import dequantize_rows, qmax_for  # the one definition of the code range and decoding
+
+__all__ = [
+    "MIN_SCALE", "CLIP_GRID", "GPTQStats", "GPTQResult",
+    "qmax_for", "row_scales", "quantize_rows", "dequantize_rows", "hessian_error",
+    "calibration_batches", "collect_hessians", "gptq_quantize", "gptq_state_dict",
+]
+
+# Smallest normal fp16 number: a scale floor that never underflows when stored as fp16.
+MIN_SCALE = 2.0 ** -14
+_FP16_MAX = 65504.0
+# Clip ratios (fraction of a row's max |w|) tried by the per-row clip search.
+CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(10))  # 1.00 .. 0.55
+
+
+# ---------------------------------------------------------------------------
+# Per-row symmetric intN rounding with an optionally Hessian-weighted clip search
+# ---------------------------------------------------------------------------
+
+def _scale_from_clip(clip: Tensor, qmax: int, min_scale: float) -> Tensor:
+    """fp16-representable scale (returned as float32) for each row's clip value."""
+    scale = (clip.float() / qmax).clamp(min=min_scale, max=_FP16_MAX)
+    return scale.half().float()
+
+
+def row_scales(w: Tensor, bits: int, clip_search: bool = True, col_weight: Tensor | None = None,
+               grid: Sequence[float] = CLIP_GRID, min_scale: float = MIN_SCALE) -> Tensor:
+    """Per-row fp16 scales (as float32) for ``w`` [rows, cols].
+
+    Without clip search the clip is the row's max |w|. With it, each row takes the clip ratio
+    in ``grid`` (times max |w|) whose rounding error ``sum_j c_j (w_ij - w_hat_ij)^2`` is least,
+    where ``c`` is ``col_weight`` (e.g. a Hessian diagonal) or all ones.
+    """
+    qmax = qmax_for(bits)
+    w = w.float()
+    absmax = w.abs().amax(dim=1)
+    if not clip_search:
+        return _scale_from_clip(absmax, qmax, min_scale)
+    best_scale = best_err = None
+    for ratio in grid:
+        scale = _scale_from_clip(absmax * float(ratio), qmax, min_scale)
+        err = (w - (w / scale[:, None]).round().clamp(-qmax, qmax) * scale[:, None]).square()
+        err = (err * col_weight.to(err)).sum(1) if col_weight is not None else err.sum(1)
+        if best_err is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale = torch.where(better, scale, best_scale)
+            best_err = torch.where(better, err, best_err)
+    return best_scale
+
+
+def quantize_rows(w: Tensor, bits: int, scale: Tensor | None = None, clip_search: bool = True,
+                  col_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Naive per-row round-to-nearest: ``(q int8 [rows, cols], scale fp16 [rows])``."""
+    if w.ndim != 2:
+        raise ValueError(f"per-row quantization needs a 2-D tensor, got shape {tuple(w.shape)}")
+    qmax = qmax_for(bits)
+    if scale is None:
+        scale = row_scales(w, bits, clip_search, col_weight)
+    scale = scale.half().float()
+    q = (w.float() / scale[:, None]).round().clamp(-qmax, qmax)
+    return q.to(torch.int8), scale.half()
+
+
+def hessian_error(w: Tensor, w_hat: Tensor, H: Tensor) -> float:
+    """``tr((W - W_hat) H (W - W_hat)^T)``: the summed squared output error per input row."""
+    e = (w.double() - w_hat.double().to(w.device))
+    return float(((e @ H.double().to(e.device)) * e).sum())
+
+
+# ---------------------------------------------------------------------------
+# Calibration data and Hessians
+# ---------------------------------------------------------------------------
+
+def _is_validation_file(path: Path) -> bool:
+    stem = path.name.lower()
+    return "_val_" in stem or stem.startswith("val_") or "_val." in stem or "validation" in stem
+
+
+def calibration_batches(
+    train_files: str | os.PathLike | Sequence[str | os.PathLike],
+    seq_len: int,
+    n_seqs: int,
+    device: str | torch.device = "cpu",
+    *,
+    batch_seqs: int = 8,
+    skip_tokens: int = 0,
+    vocab_size: int | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """``n_seqs`` sequences of ``(x, y)`` (int64 ``[b, seq_len]``, y = x shifted by one) drawn
+    contiguously from the TRAINING shards through ``pgolf.data.shards.TokenStream``, grouped into
+    batches of at most ``batch_seqs`` sequences.
+
+    GPTQ calibration must never see validation data: any file whose name marks it as a
+    validation shard (``*_val_*``, ``val_*``, ``*validation*``) is refused. ``skip_tokens``
+    starts the draw further into the stream (e.g. past what training consumed)."""
+    from pgolf.data.shards import TokenStream, _as_files
+
+    if seq_len <= 0 or n_seqs <= 0 or batch_seqs <= 0 or skip_tokens < 0:
+        raise ValueError(f"need seq_len, n_seqs, batch_seqs > 0 and skip_tokens >= 0, got "
+                         f"{seq_len}, {n_seqs}, {batch_seqs}, {skip_tokens}")
+    files = _as_files(train_files)
+    bad = [str(f) for f in files if _is_validation_file(f)]
+    if bad:
+        raise ValueError(f"GPTQ calibration must use training shards only, but got validation "
+                         f"file(s) {bad}; pass the train pattern (e.g. fineweb_train_*.bin)")
+    stream = TokenStream(files, vocab_size=vocab_size)
+    if skip_tokens:
+        stream.take(skip_tokens)
+    tokens = torch.from_numpy(stream.take(n_seqs * seq_len + 1).astype(np.int64))
+    x_all = tokens[:-1].view(n_seqs, seq_len)
+    y_all = tokens[1:].view(n_seqs, seq_len)
+    device = torch.device(device)
+    return [(x_all[i:i + batch_seqs].to(device), y_all[i:i + batch_seqs].to(device))
+            for i in range(0, n_seqs, batch_seqs)]
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """weight name -> module, for every CastedLinear of ``model``."""
+    from pgolf.model.gpt import CastedLinear
+
+    return {f"{mname}.weight" if mname else "weight": m
+            for mname, m in model.named_modules() if isinstance(m, CastedLinear)}
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    names: list[str] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    all_reduce: bool = False,
+) -> dict[str, Tensor]:
+    """``H = sum_batches X^T X / (number of input rows)`` for each CastedLinear's input X.
+
+    Keys are the layers' weight names as in ``model.state_dict()`` (e.g.
+    ``"blocks.0.attn.c_q.weight"``); ``names`` restricts the layers. H is ``[in, in]`` in
+    ``dtype`` on the layer's device. The model runs under ``torch.no_grad`` in eval mode
+    (its training flag is restored) and every hook is removed afterwards, even on error.
+    A layer called several times per forward (depth recurrence) accumulates every call.
+    With ``all_reduce`` and an initialised process group, sums and row counts are summed
+    over ranks, so each rank may feed different calibration batches.
+    """
+    modules = _linear_modules(model)
+    if names is not None:
+        missing = sorted(set(names) - set(modules))
+        if missing:
+            raise KeyError(f"no CastedLinear with weight name(s) {missing}; known: {sorted(modules)}")
+        modules = {n: modules[n] for n in names}
+    sums: dict[str, Tensor] = {}
+    rows: dict[str, int] = {n: 0 for n in modules}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(dtype)
+            if name not in sums:
+                sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype, device=x.device)
+            sums[name].addmm_(x.T, x)
+            rows[name] += x.shape[0]
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            model(x, y)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for name in modules:
+            dev = sums[name].device if name in sums else next(model.parameters()).device
+            if name not in sums:  # this rank saw no input for the layer
+                cols = modules[name].weight.shape[1]
+                sums[name] = torch.zeros(cols, cols, dtype=dtype, device=dev)
+            torch.distributed.all_reduce(sums[name])
+            count = torch.tensor([rows[name]], dtype=torch.float64, device=dev)
+            torch.distributed.all_reduce(count)
+            rows[name] = int(count.item())
+
+    unseen = [n for n in modules if rows[n] == 0]
+    if unseen:
+        raise ValueError(f"layers {unseen} received no input during calibration; "
+                         f"pass at least one batch that runs through them")
+    return {n: sums[n] / rows[n] for n in modules}
+
+
+# ---------------------------------------------------------------------------
+# GPTQ
+# ---------------------------------------------------------------------------
+
+@dataclass
+class GPTQStats:
+    bits: int
+    shape: tuple[int, int]
+    damp: float             # relative damping finally used (may exceed the requested one)
+    dead_columns: int
+    act_order: bool
+    error_gptq: float       # tr(E H E^T), E = W - W_hat, with the undamped H
+    error_naive: float      # the same for round-to-nearest with the same scales
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        """error_gptq / error_naive (< 1 means GPTQ helped)."""
+        return self.error_gptq / self.error_naive if self.error_naive > 0 else 1.0
+
+
+def _inverse_hessian_factor(H: Tensor, damp: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of (H + d * mean(diag H) * I)^-1, in float64.
+
+    If the factorisation fails (H not positive definite numerically), the damping is raised
+    tenfold, from at least 1e-3, up to 10 times the mean diagonal."""
+    mean_diag = float(H.diagonal().mean())
+    if not math.isfinite(mean_diag) or mean_diag <= 0:
+        mean_diag = 1.0
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    tries = [damp] + [max(damp, 1e-3) * 10 ** k for k in range(1, 5)]
+    for d in tries:
+        L, info = torch.linalg.cholesky_ex(H + (d * mean_diag) * eye)
+        if int(info) != 0:
+            continue
+        Hinv = torch.cholesky_inverse(L)
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        if int(info) == 0 and bool(torch.isfinite(U).all()):
+            return U, d
+    raise ValueError(f"GPTQ: Hessian is not positive definite even with damping {tries[-1]} x "
+                     f"mean(diag); check the calibration statistics for NaN/inf")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    w: Tensor,
+    H: Tensor,
+    bits: int,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    clip_search: bool = True,
+    scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor, GPTQStats]:
+    """GPTQ-quantize ``w`` [rows, cols] given the input Hessian ``H`` [cols, cols].
+
+    Returns ``(q, scale, stats)``: int8 codes in ``[-qmax, qmax]`` (qmax = 2^(bits-1) - 1),
+    one fp16 scale per row (``w ~= q * scale[:, None]``), and a :class:`GPTQStats` comparing
+    the Hessian-weighted error with naive rounding under the same scales.
+
+    Steps: columns whose H diagonal is 0 ("dead": their input is always 0) get diagonal 1 and
+    weight 0; per-row scales are fixed from these weights (clip search minimising the plain
+    reconstruction error when ``clip_search``); H's diagonal is damped by ``damp * mean(diag)``;
+    with ``act_order`` columns go in descending diag(H) order (undone at the end); then each
+    block of ``block_size`` columns is quantized column by column with the rounding error
+    spread over the block's remaining columns through the upper Cholesky factor of H^-1, and
+    the block's accumulated error is applied to all later columns in one matmul.
+
+    ``scale`` (shape [rows]) overrides the scale choice, e.g. with another quantizer's clip
+    search; it is rounded to fp16 and used as is.
+    """
+    t0 = time.perf_counter()
+    if w.ndim != 2:
+        raise ValueError(f"GPTQ needs a 2-D weight, got shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight columns {cols}")
+    if block_size <= 0 or damp < 0:
+        raise ValueError(f"need block_size > 0 and damp >= 0, got {block_size}, {damp}")
+    qmax = qmax_for(bits)
+    device = w.device
+    W = w.detach().float().clone()
+    H_orig = H.detach().to(device=device, dtype=torch.float64)
+    H64 = H_orig.clone()
+
+    dead = H64.diagonal() == 0
+    H64[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    if scale is None:
+        scale = row_scales(W, bits, clip_search)       # fp16 values, float32 tensor
+    elif tuple(scale.shape) != (rows,):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected ({rows},)")
+    scale = scale.detach().to(device).half().float()
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(H64.diagonal(), descending=True, stable=True)
+        W = W[:, perm]
+        H64 = H64[perm][:, perm]
+
+    U, used_damp = _inverse_hessian_factor(H64, damp)
+    Hinv = U.float()
+    Q = torch.zeros_like(W)
+    s = scale[:, None]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = W1[:, i:i + 1]
+            q = (col / s).round().clamp(-qmax, qmax)
+            Q1[:, i:i + 1] = q
+            err = (col - q * s) / Hinv1[i, i]
+            W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
+            Err1[:, i:i + 1] = err
+        Q[:, i1:i2] = Q1
+        if i2 < cols:
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    q_codes = Q.to(torch.int8)
+    scale16 = scale.half()
+
+    w_ref = w.detach().float()
+    naive_q, _ = quantize_rows(torch.where(dead[None, :], 0.0, w_ref), bits, scale=scale)
+    stats = GPTQStats(
+        bits=bits, shape=(rows, cols), damp=used_damp, dead_columns=int(dead.sum()),
+        act_order=act_order,
+        error_gptq=hessian_error(w_ref, dequantize_rows(q_codes, scale16), H_orig),
+        error_naive=hessian_error(w_ref, dequantize_rows(naive_q, scale16), H_orig),
+        seconds=time.perf_counter() - t0,
+    )
+    return q_codes, scale16, stats
+
+
+@dataclass
+class GPTQResult:
+    """What :func:`gptq_state_dict` produced.
+
+    ``tensors[name] = (q int8 [rows, cols], scale fp16 [rows], bits)`` on CPU; ``seconds`` is the
+    wall-clock time of the quantization (charge it, plus Hessian collection, to the training
+    budget when the rules ask for it)."""
+
+    tensors: dict[str, tuple[Tensor, Tensor, int]] = field(default_factory=dict)
+    stats: dict[str, GPTQStats] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def dequantized(self) -> dict[str, Tensor]:
+        return {n: dequantize_rows(q, s) for n, (q, s, _) in self.tensors.items()}
+
+    def lines(self) -> list[str]:
+        out = [f"{'tensor':<40} {'shape':>12} {'bits':>4} {'err_gptq':>11} {'err_naive':>11} {'ratio':>6}"]
+        for n, st in self.stats.items():
+            shape = "x".join(map(str, st.shape))
+            out.append(f"{n:<40} {shape:>12} {st.bits:>4} {st.error_gptq:>11.4g} "
+                       f"{st.error_naive:>11.4g} {st.ratio:>6.3f}")
+        out.append(f"GPTQ: {len(self.tensors)} tensors in {self.seconds:.2f}s")
+        return out
+
+
+def gptq_state_dict(
+    model: nn.Module | dict[str, Tensor],
+    hessians: dict[str, Tensor],
+    bits_for: Callable[[str], int | None],
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    clip_search: bool = True,
+) -> GPTQResult:
+    """GPTQ-quantize every 2-D float weight that has a Hessian and for which ``bits_for(name)``
+    is an int; everything else (``bits_for`` None, no Hessian, not 2-D) is left to the caller's
+    ordinary export path. Runs on each weight's device; results are moved to CPU."""
+    t0 = time.perf_counter()
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    result = GPTQResult()
+    for name, H in hessians.items():
+        if name not in state:
+            raise KeyError(f"Hessian for {name!r} but the state dict has no such tensor")
+        w = state[name]
+        if w.ndim != 2 or not w.is_floating_point():
+            continue
+        bits = bits_for(name)
+        if bits is None:
+            continue
+        q, scale, st = gptq_quantize(w, H, int(bits), block_size=block_size, damp=damp,
+                                     act_order=act_order, clip_search=clip_search)
+        result.tensors[name] = (q.cpu(), scale.cpu(), int(bits))
+        result.stats[name] = st
+    result.seconds = time.perf_counter() - t0
+    return result

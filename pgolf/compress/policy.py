@@ -1,0 +1,109 @@
+"""From trained weights to the quantized tensors the artifact stores, as the export config asks.
+
+Order: bit widths (scheme default, then the policy, or the allocator within a byte budget),
+then per-row quantization (clip search for intN), then optionally GPTQ in place of plain
+rounding for every 2-D tensor it has a Hessian for. Hessians come from activations of
+training-data batches only; their collection and GPTQ are timed so the run can charge them
+to the wall-clock budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pgolf.config import Config, ExportConfig
+from pgolf.compress.quant import (KEEP_FLOAT_MAX_NUMEL, SCHEMES, QuantizedTensor, QuantStats, policy_bits,
+                         quantize_state_dict)
+
+CLIP_SEARCH = {"auto": None, "on": True, "off": False}
+
+
+@dataclass
+class ExportPlan:
+    qdict: dict[str, QuantizedTensor]
+    stats: QuantStats
+    seconds: float = 0.0  # calibration + allocation + GPTQ
+    lines: list[str] = field(default_factory=list)  # what was chosen, for the log
+
+
+def _large_matrices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t for n, t in state.items() if t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL}
+
+
+FP16_EMBEDDING_RULE = [r"^tok_emb\.weight$", "fp16"]
+
+
+def effective_policy(e: ExportConfig) -> list:
+    """export.policy with the rules its switches add in front (export.fp16_embedding)."""
+    return ([FP16_EMBEDDING_RULE] if e.fp16_embedding else []) + list(e.policy)
+
+
+def plan_export(model: torch.nn.Module, cfg: Config, train_files: list[Path], device: torch.device,
+                code_bytes: int) -> ExportPlan:
+    e = cfg.export
+    start = time.perf_counter()
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    lines: list[str] = []
+    policy = effective_policy(e)
+    bits_for = policy_bits(policy) if policy else None
+    hessians = None
+    if e.gptq or e.allocate:
+        from pgolf.compress.gptq import calibration_batches, collect_hessians
+
+        batches = calibration_batches(train_files, cfg.train.train_seq_len, e.gptq_seqs, device,
+                                      vocab_size=cfg.model.vocab_size)
+        hessians = collect_hessians(model, batches)
+        lines.append(f"calibration: {e.gptq_seqs} training sequences, {len(hessians)} Hessians")
+    if e.allocate:
+        bits_for = _allocate(state, cfg, hessians, bits_for, code_bytes, lines)
+    qdict, stats = quantize_state_dict(state, scheme=e.scheme, bits_for=bits_for, clip_search=CLIP_SEARCH[e.clip_search])
+    if e.gptq:
+        _apply_gptq(state, qdict, hessians, cfg, lines)
+    return ExportPlan(qdict, stats, time.perf_counter() - start, lines)
+
+
+def _allocate(state, cfg: Config, hessians, policy, code_bytes: int, lines: list[str]):
+    from pgolf.compress.allocate import allocate_bits
+
+    matrices = _large_matrices(state)
+    default = SCHEMES[cfg.export.scheme]
+    # Tensors the policy pins, or that have no Hessian (the tied embedding), are not allocated.
+    fixed = {}
+    for name in matrices:
+        spec = policy(name, matrices[name]) if policy is not None else None
+        if spec is not None or name not in hessians:
+            fixed[name] = spec if spec is not None else default
+    others = sum(t.numel() * 4 for n, t in state.items() if n not in matrices)  # small tensors, fp32 at most
+    budget = cfg.export.allocate_budget or (16_000_000 - code_bytes - others)
+    allocation = allocate_bits(matrices, budget, hessian_diag={n: h.diagonal() for n, h in hessians.items()
+                                                                 if n in matrices and n not in fixed},
+                               fixed=fixed)
+    lines.extend(allocation.lines())
+
+    def bits_for(name: str, tensor=None):
+        return allocation.bits.get(name)
+
+    return bits_for
+
+
+def _apply_gptq(state, qdict: dict[str, QuantizedTensor], hessians, cfg: Config, lines: list[str]) -> None:
+    """Replace plain rounding by GPTQ for every per-row integer tensor with a Hessian."""
+    from pgolf.compress.gptq import gptq_state_dict
+
+    def bits_for(name: str):
+        qt = qdict.get(name)
+        if qt is None or name not in hessians or qt.kind not in ("int_per_row", "int8_per_row"):
+            return None
+        return qt.bits
+
+    e = cfg.export
+    result = gptq_state_dict(state, hessians, bits_for, block_size=e.gptq_block, damp=e.gptq_damp,
+                             act_order=e.gptq_act_order, clip_search=e.clip_search != "off")
+    for name, (q, scale, bits) in result.tensors.items():
+        qdict[name] = QuantizedTensor("int_per_row", q.reshape(state[name].shape).contiguous(), scale.contiguous(),
+                                      qdict[name].orig_dtype, bits)
+    lines.append(f"gptq: {len(result.tensors)} tensors in {result.seconds:.1f} s")

@@ -1,0 +1,523 @@
+"""Run configuration: dataclasses for every knob, TOML presets, overrides, official env vars.
+
+Resolution order (later wins): dataclass defaults (= the official baseline) < preset TOML
+< official environment variables (NUM_LAYERS=..., as `train_gpt.py` reads them) <
+command-line `section.key=value` overrides. The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A preset, override or environment variable that cannot be applied."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 2
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = 0.005
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    qk_gain_init: float = 1.5
+    # MLP variant (pgolf.model.gpt.MLP_VARIANTS): relu2 (official) | leaky_relu2 | swiglu | gelu | silu
+    mlp: str = "relu2"
+    mlp_slope: float = 0.5  # leaky_relu2's negative slope
+    # Hidden width; 0: mlp_mult x model_dim, or for swiglu 8/3 x model_dim rounded up to 64
+    mlp_hidden: int = 0
+    # Depth recurrence: every block runs this many times, the U-Net skips only on the last pass
+    recurrence: int = 1
+    # Middle cycle (all 0 = off): cycle_stem blocks, cycle_core blocks repeated cycle_repeats
+    # times, cycle_tail blocks; skips go stem -> tail; num_layers = stem + core + tail.
+    cycle_stem: int = 0
+    cycle_core: int = 0
+    cycle_repeats: int = 0
+    cycle_tail: int = 0
+
+
+@dataclass
+class DataConfig:
+    # "shards": official shard files under data_path; "synthetic": a generated order-2
+    # Markov corpus with an exactly known entropy rate (no download needed).
+    source: str = "shards"
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    train_pattern: str = "fineweb_train_*.bin"
+    val_pattern: str = "fineweb_val_*.bin"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    synthetic_train_tokens: int = 2_000_000
+    synthetic_val_tokens: int = 131_072
+    synthetic_seed: int = 0
+    # A background thread cuts the next batch into a reused pinned buffer while the GPU
+    # computes: auto (on for CUDA) | on | off. Same batches, same order either way.
+    prefetch: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    iterations: int = 20000
+    # Warmdown: a linear decay of every learning rate to zero at the end of training.
+    # warmdown_frac > 0 gives it as a fraction of the wall-clock budget (the seeds' form);
+    # otherwise warmdown_iters, with the official meaning.
+    warmdown_iters: int = 1200
+    warmdown_frac: float = 0.0
+    # Untimed steps that prime compilation; weights, optimizer and data are then restored.
+    warmup_steps: int = 20
+    train_batch_tokens: int = 524_288
+    train_seq_len: int = 1024
+    max_wallclock_seconds: float = 600.0
+    val_batch_size: int = 524_288
+    val_loss_every: int = 1000
+    # 0 = the whole validation split (the official metric); >0 caps it for quick runs.
+    val_max_tokens: int = 0
+    # Window stride of the final (roundtrip) evaluation: 0 = train_seq_len, the standard
+    # evaluation; smaller slides the windows, scoring each token with more context.
+    eval_stride: int = 0
+    train_log_every: int = 200
+    grad_clip_norm: float = 0.0
+    checkpoint_every: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    compile: str = "auto"  # auto (on for CUDA) | on | off
+    # Softcapped cross-entropy computed in token chunks, never holding fp32 logits for the
+    # whole batch (pgolf.train.losses): auto (on for CUDA) | on | off. Off by default until its
+    # speed is measured on a GPU: it recomputes the head matmul in backward.
+    fused_loss: str = "off"
+    # Attention kernel: auto (the fastest measured on CUDA) | flash | cudnn | efficient | math
+    sdpa_backend: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    tied_embed_lr: float = 0.05
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    muon_momentum: float = 0.95
+    muon_backend_steps: int = 5
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    # Decoupled weight decay p <- p (1 - lr wd) with each group's scheduled lr; 0 = off (official).
+    muon_wd: float = 0.0
+    adam_wd: float = 0.0  # every Adam group: embedding, head, control scalars
+    # Newton-Schulz on stacks of same-shape matrices in one batched call: auto (on for CUDA) | on | off
+    batched_ns: str = "auto"
+    # With several processes: reduce-scatter the matrix gradients, each rank orthogonalises its
+    # share, all-gather the updates (pgolf.train.parallel_muon): auto (on for CUDA, world size > 1) | on | off.
+    # Off by default until it is measured over NCCL on GPUs (verified on CPU/gloo only).
+    parallel_muon: str = "off"
+
+
+@dataclass
+class ExportConfig:
+    compressor: str = "zlib"  # zlib (official) | zstd | lzma | brotli | auto (smallest)
+    # Default width of the large 2-D tensors: int8 is the official export (percentile clip);
+    # int6 / int5 / int4 quantize per row with an fp16 scale.
+    scheme: str = "int8"
+    # [[regex, bits | "fp16" | "fp32"], ...] over parameter names, first match wins, e.g.
+    # [["tok_emb", "fp16"], ["mlp", 5], ["attn", 6]]. On the command line: tok_emb:fp16,mlp:5
+    policy: list = field(default_factory=list)
+    # Keep the (tied) token embedding in fp16 instead of quantizing it: a tok_emb fp16 rule
+    # placed before the policy's own rules.
+    fp16_embedding: bool = False
+    clip_search: str = "auto"  # auto: for intN, not the official int8 | on | off
+    storage: str = "auto"  # packed | bytes | auto (smaller artifact)
+    layout: str = "auto"  # plain | grouped | auto (smaller artifact)
+    gptq: bool = False  # GPTQ with Hessians from training-data activations
+    gptq_seqs: int = 128  # calibration sequences (train_seq_len tokens each)
+    gptq_block: int = 128
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    # > 0: charge calibration + GPTQ to the wall-clock budget: training stops this many
+    # seconds early, and the run reports whether calibration + GPTQ fitted in them.
+    gptq_reserve_seconds: float = 0.0
+    # Let the allocator pick bits per tensor (8/6/5/4) to fit allocate_budget model bytes
+    # (0: 16,000,000 minus the code bytes), minimising Hessian-weighted quantization error.
+    allocate: bool = False
+    allocate_budget: int = 0
+
+
+@dataclass
+class QATConfig:
+    enabled: bool = False
+    # Switch on once this fraction of the wall-clock budget (or of the iterations) has passed.
+    start_frac: float = 0.85
+    bits: int = 6
+    mode: str = "ste"  # ste | noise
+    pattern: str = r"^blocks\."  # regex over parameter names of the linear layers it applies to
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    runs_dir: str = "runs"
+    run_id: str = ""  # empty: derived from the time, name and seed
+    # Runs of one claim (e.g. the seeds of `pgolf run --seeds`) share a group id.
+    group: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def train_files(self) -> str:
+        return str(Path(self.data.data_path) / self.data.train_pattern)
+
+    def val_files(self) -> str:
+        return str(Path(self.data.data_path) / self.data.val_pattern)
+
+
+# Official train_gpt.py environment variables -> pgolf keys (same meaning and units).
+OFFICIAL_ENV_VARS: dict[str, str] = {
+    "DATA_PATH": "data.data_path",
+    "TOKENIZER_PATH": "data.tokenizer_path",
+    "RUN_ID": "run.run_id",
+    "SEED": "train.seed",
+    "VAL_BATCH_SIZE": "train.val_batch_size",
+    "VAL_LOSS_EVERY": "train.val_loss_every",
+    "TRAIN_LOG_EVERY": "train.train_log_every",
+    "ITERATIONS": "train.iterations",
+    "WARMDOWN_ITERS": "train.warmdown_iters",
+    "WARMUP_STEPS": "train.warmup_steps",
+    "TRAIN_BATCH_TOKENS": "train.train_batch_tokens",
+    "TRAIN_SEQ_LEN": "train.train_seq_len",
+    "MAX_WALLCLOCK_SECONDS": "train.max_wallclock_seconds",
+    "GRAD_CLIP_NORM": "train.grad_clip_norm",
+    "QK_GAIN_INIT": "model.qk_gain_init",
+    "VOCAB_SIZE": "model.vocab_size",
+    "NUM_LAYERS": "model.num_layers",
+    "NUM_KV_HEADS": "model.num_kv_heads",
+    "MODEL_DIM": "model.model_dim",
+    "NUM_HEADS": "model.num_heads",
+    "MLP_MULT": "model.mlp_mult",
+    "TIE_EMBEDDINGS": "model.tie_embeddings",
+    "ROPE_BASE": "model.rope_base",
+    "LOGIT_SOFTCAP": "model.logit_softcap",
+    "TIED_EMBED_INIT_STD": "model.tied_embed_init_std",
+    "EMBED_LR": "optim.embed_lr",
+    "HEAD_LR": "optim.head_lr",
+    "TIED_EMBED_LR": "optim.tied_embed_lr",
+    "MATRIX_LR": "optim.matrix_lr",
+    "SCALAR_LR": "optim.scalar_lr",
+    "MUON_MOMENTUM": "optim.muon_momentum",
+    "MUON_BACKEND_STEPS": "optim.muon_backend_steps",
+    "MUON_MOMENTUM_WARMUP_START": "optim.muon_momentum_warmup_start",
+    "MUON_MOMENTUM_WARMUP_STEPS": "optim.muon_momentum_warmup_steps",
+    "BETA1": "optim.beta1",
+    "BETA2": "optim.beta2",
+    "ADAM_EPS": "optim.adam_eps",
+}
+
+REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_PRESET = "smoke"
+# With official environment variables set (an official run command), the defaults are the
+# official baseline's, as in train_gpt.py, not the smoke run's.
+OFFICIAL_DEFAULT_PRESET = "baseline"
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _section(config: Config, section: str) -> Any:
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if section not in sections:
+        raise ConfigError(f"unknown config section '{section}'{_suggest(section, sections)}")
+    return getattr(config, section)
+
+
+def _coerce(value: Any, target_type: str, key: str) -> Any:
+    """Convert a TOML / string value to the field's declared type, strictly."""
+    try:
+        if target_type == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if target_type == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(str(value).replace("_", "")) if isinstance(value, str) else int(value)
+        if target_type == "list":
+            return _parse_list(value)
+        if target_type == "float":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        return str(value)
+    except ValueError:
+        raise ConfigError(f"{key}: cannot read {value!r} as {target_type}") from None
+
+
+def _parse_list(value: Any) -> list:
+    """A TOML list as is; on the command line 'pattern:value,pattern:value' pairs."""
+    if isinstance(value, list):
+        return [list(item) if isinstance(item, (list, tuple)) else item for item in value]
+    items = []
+    for part in filter(None, (p.strip() for p in str(value).split(","))):
+        pattern, sep, spec = part.rpartition(":")
+        if not sep:
+            raise ValueError(value)
+        items.append([pattern, int(spec) if spec.isdigit() else spec])
+    return items
+
+
+def set_key(config: Config, dotted_key: str, value: Any) -> None:
+    """Set `section.key` on config, rejecting unknown keys with a suggestion."""
+    if "." not in dotted_key:
+        all_keys = [k for k in flat_keys()]
+        raise ConfigError(f"config key '{dotted_key}' must look like section.key{_suggest(dotted_key, all_keys)}")
+    section_name, key = dotted_key.split(".", 1)
+    section = _section(config, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ConfigError(f"unknown config key '{dotted_key}'{_suggest(key, list(fields))}")
+    setattr(section, key, _coerce(value, str(fields[key].type), dotted_key))
+
+
+def flat_keys() -> list[str]:
+    return [f"{s.name}.{k.name}" for s in dataclasses.fields(Config) for k in dataclasses.fields(s.default_factory())]
+
+
+def apply_mapping(config: Config, mapping: Mapping[str, Any], origin: str) -> None:
+    """Apply a nested {section: {key: value}} mapping (a TOML preset or a saved config)."""
+    for section_name, values in mapping.items():
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: '{section_name}' must be a table like [{section_name}]")
+        for key, value in values.items():
+            try:
+                set_key(config, f"{section_name}.{key}", value)
+            except ConfigError as exc:
+                raise ConfigError(f"{origin}: {exc}") from None
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> None:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. model.num_layers=11")
+        key, value = item.split("=", 1)
+        set_key(config, key.strip(), value.strip())
+
+
+def official_env_present(env: Mapping[str, str]) -> bool:
+    return any(var in env for var in OFFICIAL_ENV_VARS)
+
+
+def apply_env(config: Config, env: Mapping[str, str]) -> list[str]:
+    """Apply the official environment variables present in env; return those applied.
+
+    DATA_PATH means what it means to train_gpt.py: a folder of fineweb_train_*.bin and
+    fineweb_val_*.bin shards."""
+    applied = []
+    if "DATA_PATH" in env:
+        config.data.source = "shards"
+        config.data.train_pattern = DataConfig.train_pattern
+        config.data.val_pattern = DataConfig.val_pattern
+    for var, key in OFFICIAL_ENV_VARS.items():
+        if var in env:
+            try:
+                set_key(config, key, env[var])
+            except ConfigError as exc:
+                raise ConfigError(f"environment variable {var}: {exc}") from None
+            applied.append(f"{var}={env[var]}")
+    return applied
+
+
+def find_preset(name_or_path: str) -> Path:
+    """A preset path, or a bare name looked up in ./configs and the repository's configs/."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name if path.suffix == ".toml" else f"{path.name}.toml"
+    candidates = [Path("configs") / stem, REPO_CONFIG_DIR / stem]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in REPO_CONFIG_DIR.glob("*.toml")) if REPO_CONFIG_DIR.is_dir() else []
+    raise ConfigError(
+        f"preset '{name_or_path}' not found (looked at {path}, {', '.join(str(c) for c in candidates)}); "
+        f"available presets: {', '.join(available) or 'none'}"
+    )
+
+
+# What a preset may list in its top-level `requires = [...]`: the techniques this version of
+# pgolf implements. A preset naming anything else is refused instead of silently run without it.
+CAPABILITIES = frozenset({
+    "relu2", "leaky_relu2", "swiglu", "gelu", "silu",  # model.mlp
+    "recurrence", "middle_cycle",  # model.recurrence, model.cycle_*
+    "muon_wd",  # optim.muon_wd
+    "fp16_embedding", "mixed_bits", "gptq", "bit_allocation",  # export.*
+    "qat",  # qat.*
+    "sliding_eval", "ttt",  # train.eval_stride, pgolf eval --stride / --ttt
+})
+
+
+def check_requires(requires: Any, origin: str) -> None:
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        raise ConfigError(f'{origin}: requires must be a list of capability names, e.g. requires = ["swiglu"]')
+    for name in requires:
+        if name not in CAPABILITIES:
+            raise ConfigError(f"preset {origin} requires capability '{name}', which this version of pgolf does not "
+                              f"have (it has: {', '.join(sorted(CAPABILITIES))})")
+
+
+def load_preset(config: Config, name_or_path: str) -> Path:
+    path = find_preset(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"preset {path} is not valid TOML: {exc}") from None
+    check_requires(data.pop("requires", []), str(path))
+    apply_mapping(config, data, origin=str(path))
+    return path
+
+
+def resolve_config(
+    preset: str | None = DEFAULT_PRESET,
+    overrides: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[Config, list[str]]:
+    """Build the run config; returns it and the official env vars that were applied."""
+    env = os.environ if env is None else env
+    config = Config()
+    if preset:
+        load_preset(config, preset)
+    applied = apply_env(config, env)
+    apply_overrides(config, overrides or [])
+    validate(config)
+    return config, applied
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    config = Config()
+    apply_mapping(config, data, origin="saved config")
+    return config
+
+
+def validate(config: Config) -> None:
+    m, t = config.model, config.train
+    problems = []
+    for key in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult"):
+        if getattr(m, key) <= 0:
+            problems.append(f"model.{key} must be positive")
+    for key in ("train_seq_len", "train_batch_tokens", "val_batch_size"):
+        if getattr(t, key) <= 0:
+            problems.append(f"train.{key} must be positive")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    if m.model_dim % m.num_heads:
+        problems.append(f"model.model_dim={m.model_dim} must be divisible by model.num_heads={m.num_heads}")
+    elif (m.model_dim // m.num_heads) % 2:
+        problems.append("model.model_dim / model.num_heads (the head size) must be even for rotary embeddings")
+    if m.num_heads % m.num_kv_heads:
+        problems.append(f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
+    if m.logit_softcap <= 0:
+        problems.append("model.logit_softcap must be positive")
+    if t.train_batch_tokens % (8 * t.train_seq_len):
+        problems.append(
+            f"train.train_batch_tokens={t.train_batch_tokens} must be a multiple of 8 x train.train_seq_len"
+            f"={8 * t.train_seq_len} (it is split over 8 micro-batches: world size x gradient accumulation)"
+        )
+    if t.val_batch_size // 8 < t.train_seq_len:
+        problems.append(
+            f"train.val_batch_size={t.val_batch_size} must give every one of the 8 micro-batches at least one "
+            f"sequence: set it to at least 8 x train.train_seq_len = {8 * t.train_seq_len}"
+        )
+    if not 0 <= t.eval_stride <= t.train_seq_len:
+        problems.append(f"train.eval_stride must be within 0..train.train_seq_len={t.train_seq_len} "
+                        f"(0: the standard evaluation), got {t.eval_stride}")
+    if not 0.0 <= t.warmdown_frac <= 1.0:
+        problems.append("train.warmdown_frac must be within [0, 1]")
+    if config.data.source not in ("shards", "synthetic"):
+        problems.append(f"data.source must be 'shards' or 'synthetic', got '{config.data.source}'")
+    elif config.data.source == "synthetic" and config.data.tokenizer_path not in ("byte260", "byte"):
+        problems.append(
+            f"data.source=synthetic is a byte-level corpus and needs data.tokenizer_path=byte260, not "
+            f"'{config.data.tokenizer_path}'; for shards made with that tokenizer set data.source=shards"
+        )
+    from pgolf.compress.container import COMPRESSOR_CHOICES, ArtifactError, check_compressor  # the export stage owns them
+
+    if config.export.compressor not in COMPRESSOR_CHOICES:
+        problems.append(f"export.compressor must be one of {', '.join(COMPRESSOR_CHOICES)}, "
+                        f"got '{config.export.compressor}'")
+    elif config.export.compressor != "auto":
+        try:
+            check_compressor(config.export.compressor)
+        except ArtifactError as exc:
+            problems.append(str(exc))
+    e = config.export
+    from pgolf.compress.quant import SCHEMES, policy_bits
+
+    if e.scheme not in SCHEMES:
+        problems.append(f"export.scheme must be one of {', '.join(SCHEMES)}, got '{e.scheme}'")
+    try:
+        policy_bits(e.policy)
+    except ValueError as exc:
+        problems.append(f"export.policy: {exc}")
+    for key, options in (("clip_search", ("auto", "on", "off")), ("storage", ("auto", "packed", "bytes")),
+                         ("layout", ("auto", "plain", "grouped"))):
+        if getattr(e, key) not in options:
+            problems.append(f"export.{key} must be one of {', '.join(options)}, got '{getattr(e, key)}'")
+    if e.gptq_reserve_seconds > 0 and not e.gptq:
+        problems.append("export.gptq_reserve_seconds reserves time for GPTQ: set export.gptq=true too")
+    if e.gptq_reserve_seconds >= max(t.max_wallclock_seconds, 0) > 0:
+        problems.append("export.gptq_reserve_seconds must be smaller than train.max_wallclock_seconds")
+    q = config.qat
+    if q.mode not in ("ste", "noise"):
+        problems.append(f"qat.mode must be 'ste' or 'noise', got '{q.mode}'")
+    if not 2 <= q.bits <= 8:
+        problems.append(f"qat.bits must be within 2..8, got {q.bits}")
+    if not 0.0 <= q.start_frac < 1.0:
+        problems.append("qat.start_frac must be within [0, 1)")
+    from pgolf.model.gpt import model_config_problems
+
+    problems.extend(model_config_problems(m))
+    if t.device not in ("auto", "cpu", "cuda"):
+        problems.append("train.device must be auto, cpu or cuda")
+    if t.compile not in ("auto", "on", "off"):
+        problems.append("train.compile must be auto, on or off")
+    switches = (("train.fused_loss", t.fused_loss), ("optim.batched_ns", config.optim.batched_ns),
+                ("optim.parallel_muon", config.optim.parallel_muon), ("data.prefetch", config.data.prefetch))
+    problems += [f"{key} must be auto, on or off, got '{value}'" for key, value in switches
+                 if value not in ("auto", "on", "off")]
+    if t.sdpa_backend not in ("auto", "flash", "cudnn", "efficient", "math"):
+        problems.append(f"train.sdpa_backend must be auto, flash, cudnn, efficient or math, got '{t.sdpa_backend}'")
+    for key in ("muon_wd", "adam_wd"):
+        if getattr(config.optim, key) < 0:
+            problems.append(f"optim.{key} must be >= 0 (0 turns weight decay off)")
+    if config.optim.parallel_muon == "on" and t.grad_clip_norm > 0:
+        problems.append("optim.parallel_muon=on keeps matrix gradients unsynchronised until the optimizer step, "
+                        "so train.grad_clip_norm cannot see them: set train.grad_clip_norm=0 or "
+                        "optim.parallel_muon=off")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

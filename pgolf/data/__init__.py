@@ -1,0 +1,1 @@
+"""Data: shards, streams and loaders, tokenizers and byte counting, corpus building."""

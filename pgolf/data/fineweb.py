@@ -1,0 +1,199 @@
+"""`pgolf data fineweb`: fetch the challenge's pre-tokenized FineWeb export.
+
+Follows the official ``data/cached_challenge_fineweb.py``: the Hugging Face dataset
+repo holds everything under a remote prefix (``datasets/``), with a ``manifest.json``
+that lists each exported dataset (``fineweb10B_<variant>``, with its shard counts) and
+the tokenizer artifacts it was made with. We fetch the manifest, every validation
+shard, the first N training shards and the tokenizer files, laid out locally as::
+
+    <root>/manifest.json
+    <root>/datasets/fineweb10B_<variant>/fineweb_{val,train}_NNNNNN.bin
+    <root>/tokenizers/<tokenizer files>
+
+Files already present are skipped, so re-running with a larger N only fetches the
+new shards. Every file lands via a temporary name + ``os.replace``, so an interrupted
+download never leaves a partial file under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from pgolf.data.shards import ShardError, read_shard_header
+
+DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+DEFAULT_REMOTE_PREFIX = "datasets"
+DOCS_FILES = ("docs_selected.jsonl", "docs_selected.source_manifest.json")
+
+
+def dataset_name_for_variant(variant: str) -> str:
+    """``sp1024`` -> ``fineweb10B_sp1024``; ``byte260`` -> ``fineweb10B_byte260``."""
+    if variant == "byte260" or (variant.startswith("sp") and variant[2:].isdigit()):
+        return f"fineweb10B_{variant}"
+    raise ValueError(
+        f"unknown FineWeb variant {variant!r}; expected 'byte260' or 'sp<VOCAB_SIZE>' "
+        f"(for example sp1024, sp4096)"
+    )
+
+
+def _local_path(remote: str, root: Path, remote_prefix: str) -> Path:
+    # Drop the remote prefix, then map datasets/ and tokenizers/ under root; anything
+    # else (manifest.json, docs) sits directly in root, as in the official layout.
+    parts = PurePosixPath(remote).parts
+    if remote_prefix and parts[:1] == (remote_prefix,):
+        parts = parts[1:]
+    return root.joinpath(*parts)
+
+
+def _is_complete(path: Path) -> bool:
+    """Existing files count as done; shards are also checked so a damaged one is refetched."""
+    if not path.is_file():
+        return False
+    if path.suffix != ".bin":
+        return True
+    try:
+        read_shard_header(path)
+        return True
+    except ShardError:
+        return False
+
+
+def _place(source: Path, destination: Path) -> None:
+    """Hard-link (or copy) ``source`` to ``destination`` through a temporary name."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(source, tmp)  # free when the HF cache is on the same filesystem
+        except OSError:
+            shutil.copy2(source, tmp)
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _hub_fetcher(repo_id: str) -> Callable[[str], Path]:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:  # pragma: no cover - it is a declared dependency
+        raise ImportError("downloading FineWeb needs huggingface_hub: pip install huggingface_hub") from e
+
+    def fetch(remote: str) -> Path:
+        p = PurePosixPath(remote)
+        subfolder = None if str(p.parent) == "." else str(p.parent)
+        try:
+            cached = hf_hub_download(repo_id=repo_id, filename=p.name, subfolder=subfolder, repo_type="dataset")
+        except Exception as e:
+            raise RuntimeError(
+                f"could not download {remote} from the Hugging Face dataset {repo_id} ({e}); "
+                f"check your connection, or pass --from-dir DIR (source_dir=...) to copy from a local mirror"
+            ) from e
+        # The HF cache hands out snapshot symlinks; link the real blob, never the symlink.
+        return Path(cached).resolve(strict=True)
+
+    return fetch
+
+
+def _local_fetcher(source_dir: Path) -> Callable[[str], Path]:
+    def fetch(remote: str) -> Path:
+        path = source_dir.joinpath(*PurePosixPath(remote).parts)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found; source_dir must mirror the hub repo layout "
+                f"(e.g. <source_dir>/datasets/manifest.json)"
+            )
+        return path.resolve()
+
+    return fetch
+
+
+def download_fineweb(
+    variant: str = "sp1024",
+    train_shards: int = 80,
+    root: str | os.PathLike = "data",
+    repo_id: str = DEFAULT_REPO_ID,
+    remote_prefix: str = DEFAULT_REMOTE_PREFIX,
+    with_docs: bool = False,
+    source_dir: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Fetch the ``variant`` export: manifest, all val shards, ``train_shards`` train shards,
+    tokenizer artifacts (and the raw docs when ``with_docs``).
+
+    With ``source_dir`` files are copied from a local folder laid out like the hub repo
+    (offline mirror); otherwise they come from ``huggingface_hub.hf_hub_download``.
+    Returns a report: ``fetched`` / ``skipped`` paths, ``dataset_dir``, ``train_files``,
+    ``val_files``, ``tokenizer_files``, ``train_pattern``, ``val_pattern``, ``manifest``.
+    """
+    dataset_name = dataset_name_for_variant(variant)
+    if train_shards < 0:
+        raise ValueError(f"train_shards must be >= 0, got {train_shards}")
+    root = Path(root)
+    where = str(source_dir) if source_dir is not None else f"the Hugging Face dataset {repo_id}"
+    fetch = _local_fetcher(Path(source_dir)) if source_dir is not None else _hub_fetcher(repo_id)
+    report: dict = {"fetched": [], "skipped": []}
+    say = progress or (lambda _msg: None)
+
+    def get(remote: str) -> Path:
+        dest = _local_path(remote, root, remote_prefix)
+        if _is_complete(dest):
+            report["skipped"].append(str(dest))
+            say(f"skip  {dest} (already present)")
+        else:
+            say(f"fetch {remote} -> {dest}")
+            _place(fetch(remote), dest)
+            report["fetched"].append(str(dest))
+        return dest
+
+    pre = f"{remote_prefix}/" if remote_prefix else ""
+    manifest_path = get(f"{pre}manifest.json")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{manifest_path} is not valid JSON ({e}); delete it and run again") from None
+
+    datasets = manifest.get("datasets", [])
+    entry = next((d for d in datasets if d.get("name") == dataset_name), None)
+    if entry is None:
+        known = ", ".join(sorted(str(d.get("name")) for d in datasets)) or "none"
+        raise ValueError(f"{dataset_name} is not in the manifest of {where}; available: {known}")
+    stats = entry.get("stats") or {}
+    n_train, n_val = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
+    if train_shards > n_train:
+        raise ValueError(
+            f"{variant} has only {n_train} training shards on {where}, requested {train_shards}; "
+            f"ask for at most {n_train}"
+        )
+    tok_name = entry.get("tokenizer_name")
+    tok = next((t for t in manifest.get("tokenizers", []) if t.get("name") == tok_name), None)
+    if tok is None:
+        raise ValueError(f"tokenizer {tok_name!r} (for {dataset_name}) is not in the manifest of {where}")
+    artifacts = [str(tok[k]) for k in ("model_path", "vocab_path", "path") if tok.get(k)]
+    if not artifacts:
+        raise ValueError(f"tokenizer {tok_name!r} in the manifest lists no files to download")
+
+    if with_docs:
+        report["docs_files"] = [str(get(f"{pre}{name}")) for name in DOCS_FILES]
+    shard_prefix = f"{pre}datasets/{dataset_name}"
+    report["val_files"] = [str(get(f"{shard_prefix}/fineweb_val_{i:06d}.bin")) for i in range(n_val)]
+    report["train_files"] = [str(get(f"{shard_prefix}/fineweb_train_{i:06d}.bin")) for i in range(train_shards)]
+    report["tokenizer_files"] = [str(get(f"{pre}{a}")) for a in artifacts]
+
+    dataset_dir = _local_path(shard_prefix, root, remote_prefix)
+    report.update(
+        variant=variant,
+        manifest=str(manifest_path),
+        dataset_dir=str(dataset_dir),
+        train_pattern=str(dataset_dir / "fineweb_train_*.bin"),
+        val_pattern=str(dataset_dir / "fineweb_val_*.bin"),
+        vocab_size=tok.get("vocab_size", entry.get("vocab_size")),
+    )
+    return report

@@ -1,0 +1,1 @@
+"""Evaluation: window scoring, score-first test-time training, receipts."""

@@ -1,0 +1,159 @@
+"""`pgolf eval`: score a run's artifact (reloaded from disk) standard, sliding or with TTT.
+
+Every evaluation writes a receipt that `pgolf audit` re-checks, and reports its wall time with
+a projection for the full validation split against the evaluation budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from pgolf.compress.container import read_artifact
+from pgolf.train.checkpoint import latest_checkpoint
+from pgolf.config import Config, config_from_dict
+from pgolf.data.shards import check_token_range, load_validation_tokens
+from pgolf.runtime.distributed import DistInfo, setup_distributed, teardown_distributed
+from pgolf.eval.windows import score_windows, to_result, window_plan
+from pgolf.train.export import ARTIFACT_NAME
+from pgolf.lab.ledger import record_eval
+from pgolf.model.gpt import build_model
+from pgolf.compress.quant import dequantize_state_dict
+from pgolf.eval.receipt import Receipt, state_fingerprint, write_receipt
+from pgolf.runs import read_json
+from pgolf.data.tokenizer import check_vocab, load_tokenizer
+from pgolf.eval.ttt import TTTConfig, run_ttt
+
+DEFAULT_BUDGET_SECONDS = 600.0
+
+
+@dataclass
+class EvalOptions:
+    stride: int | None = None  # None: seq_len (the standard evaluation)
+    seq_len: int | None = None  # None: the run's train_seq_len
+    batch_windows: int = 64
+    max_tokens: int = 0  # 0: the whole validation split
+    ttt: TTTConfig | None = None
+    live: bool = False  # score the run's last checkpoint instead of the artifact
+    data_dir: str | None = None
+    receipt_path: str | None = None
+    budget_seconds: float = DEFAULT_BUDGET_SECONDS
+    device: str = "auto"
+    compile: str = "auto"  # auto (on for CUDA) | on | off
+
+
+def load_target(target: str, live: bool) -> tuple[Config, dict, Path, str]:
+    """(config, state dict, folder for receipts, description) of a run directory or artifact."""
+    path = Path(target)
+    if path.is_dir():
+        cfg = config_from_dict(read_json(path / "config.json")["config"])
+        if live:
+            ckpt = latest_checkpoint(path / "checkpoints")
+            if ckpt is None:
+                raise FileNotFoundError(f"run {path} has no checkpoint to evaluate live weights from")
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+            return cfg, state, path / "receipts", f"live weights of {ckpt}"
+        artifact = path / ARTIFACT_NAME
+        if not artifact.exists():
+            raise FileNotFoundError(f"run {path} has no artifact {ARTIFACT_NAME}: it did not finish; "
+                                    f"evaluate its last checkpoint with --live")
+    elif path.is_file():
+        if live:
+            raise ValueError("--live needs a run directory, not an artifact file")
+        artifact = path
+    else:
+        raise FileNotFoundError(f"no run directory or artifact at {target}")
+    qdict, meta = read_artifact(artifact)
+    if "config" not in meta:
+        raise ValueError(f"artifact {artifact} carries no config; evaluate it through its run directory")
+    cfg = config_from_dict(meta["config"]) if not path.is_dir() else cfg
+    folder = path / "receipts" if path.is_dir() else artifact.parent
+    return cfg, dequantize_state_dict(qdict), folder, f"artifact {artifact}"
+
+
+def _receipt_path(folder: Path, kind: str, given: str | None) -> Path:
+    if given:
+        return Path(given)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path, n = folder / f"eval-{kind}-{stamp}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"eval-{kind}-{stamp}-{n}.json"
+    return path
+
+
+def run_eval(target: str, opts: EvalOptions, log=print) -> dict:
+    cfg, state, folder, source = load_target(target, opts.live)
+    if opts.data_dir:
+        cfg.data.source, cfg.data.data_path = "shards", opts.data_dir
+        cfg.data.train_pattern, cfg.data.val_pattern = "fineweb_train_*.bin", "fineweb_val_*.bin"
+    info = setup_distributed(opts.device)
+    try:
+        result = _evaluate(cfg, state, folder, source, opts, info, log if info.is_main else (lambda *_: None))
+        if info.is_main and Path(target).is_dir() and not (opts.live or opts.data_dir):
+            record_eval(Path(target), result["kind"], result, opts.stride or opts.seq_len or cfg.train.train_seq_len)
+        info.barrier()  # on success, no rank tears down while another still has collectives in flight
+        return result
+    finally:
+        teardown_distributed(info)
+
+
+def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOptions, info: DistInfo, log) -> dict:
+    seq_len = opts.seq_len or cfg.train.train_seq_len
+    stride = seq_len if opts.stride is None else opts.stride
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"--stride must be within 1..{seq_len} (the window length), got {stride}")
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    check_vocab(tokenizer, cfg.model.vocab_size)
+    val_tokens = load_validation_tokens(cfg.val_files(), seq_len)
+    check_token_range(val_tokens, cfg.model.vocab_size, f"validation shards {cfg.val_files()}")
+    full_targets = val_tokens.numel() - 1
+    if opts.max_tokens and opts.max_tokens < full_targets:
+        val_tokens = val_tokens[: max(opts.max_tokens // seq_len, 1) * seq_len + 1]
+    targets = val_tokens.numel() - 1
+    luts = tokenizer.byte_luts(cfg.model.vocab_size).to_torch(info.device)
+    model = build_model(cfg.model, info.device)
+    model.load_state_dict({k: v.to(info.device) for k, v in state.items()}, strict=True)
+    # The compiled module shares the parameters: TTT updates and fingerprints see the same weights.
+    scorer = model
+    if opts.compile == "on" or (opts.compile == "auto" and info.device.type == "cuda"):
+        scorer = torch.compile(model, dynamic=False)
+    kind = "ttt" if opts.ttt else ("standard" if stride == seq_len else "sliding")
+    log(f"eval: {source}; {kind}, seq_len {seq_len}, stride {stride}, {targets:,} of {full_targets:,} targets")
+
+    if info.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    if opts.ttt:
+        sums, receipt = run_ttt(model, val_tokens, luts, seq_len, stride, opts.batch_windows, opts.ttt, info.device,
+                                info.rank, info.world_size,
+                                progress=lambda n, total, s: log(f"ttt chunk {n}/{total}") if n % 50 == 0 else None,
+                                runner=scorer)
+    else:
+        receipt = Receipt(kind, {"seq_len": seq_len, "stride": stride}, targets, state_fingerprint(model))
+        sums = score_windows(scorer, val_tokens, window_plan(targets, seq_len, stride), luts, info.device,
+                             opts.batch_windows, info.rank, info.world_size)
+        receipt.add_score(0, targets, receipt.initial_state, sums.loss_sum, sums.tokens, sums.bytes)
+        receipt.finalize()
+    if info.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    result = to_result(sums)
+    projected = seconds * full_targets / targets
+    receipt.info = {"source": source, "eval_seconds": round(seconds, 3), "projected_full_seconds": round(projected, 1),
+                    "world_size": info.world_size, "device": str(info.device)}
+    receipt_path = info.main_only(write_receipt, _receipt_path(folder, kind, opts.receipt_path), receipt)
+    log(f"{kind} val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
+        f"({result.tokens:,} tokens, {result.bytes:,} bytes)")
+    log(f"eval_time: {seconds:.1f} s ({targets / seconds:,.0f} tokens/s); full split projected "
+        f"{projected:.1f} s of the {opts.budget_seconds:.0f} s budget")
+    if projected > opts.budget_seconds:
+        log(f"WARNING: projected evaluation time {projected:.0f} s exceeds the {opts.budget_seconds:.0f} s budget")
+    log(f"receipt: {receipt_path} (check it with `pgolf audit {receipt_path}`)")
+    return {"kind": kind, **result.to_dict(), "eval_seconds": seconds, "projected_full_seconds": projected,
+            "over_budget": projected > opts.budget_seconds, "receipt": str(receipt_path)}

@@ -1,0 +1,1 @@
+"""Lab: the ledger, experiments, sweeps, statistics, plots, planning and submissions."""

@@ -1,0 +1,1 @@
+"""Model: the GPT, its layers and the technique registries."""

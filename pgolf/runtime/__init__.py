@@ -1,0 +1,1 @@
+"""Runtime: devices, processes, attention kernels, compile checks."""

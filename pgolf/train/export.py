@@ -1,0 +1,85 @@
+"""Export stage: quantize the trained weights, write the artifact, account its bytes, then
+reload it from disk into the model and score the roundtrip (the number that is submitted)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pgolf.compress.accounting import SizeReport, code_bytes_of_package, size_report
+from pgolf.compress.container import describe_artifact, pack_artifact, read_artifact, write_artifact
+from pgolf.compress.policy import plan_export
+from pgolf.eval.windows import EvalResult
+from pgolf.compress.quant import dequantize_state_dict
+from pgolf.eval.receipt import Receipt, state_fingerprint, write_receipt
+
+ARTIFACT_NAME = "model.pgolf"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    size: SizeReport
+    roundtrip: EvalResult
+    stride: int  # window stride of the roundtrip evaluation (train_seq_len: the standard one)
+
+
+def artifact_meta(cfg) -> dict:
+    """The metadata an artifact carries: its run id (cfg.run.run_id, set to the run directory's
+    name when training starts) and the resolved config. The planner packs the same, so its
+    byte estimate includes it."""
+    return {"run_id": cfg.run.run_id, "config": cfg.to_dict()}
+
+
+def size_to_dict(report: SizeReport) -> dict:
+    return {**asdict(report), "overage": report.overage}
+
+
+def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
+    """Rank 0 writes the artifact; every rank reloads it from disk and scores it."""
+    info = trainer.info
+    path = run_dir / ARTIFACT_NAME
+
+    code_bytes, code_description = code_bytes_of_package(cfg)  # the length of this run's train_gpt.py
+    plan = plan_export(trainer.base_model, cfg, trainer.data.train_files, info.device, code_bytes)
+    for line in plan.lines:
+        logger.log(line)
+    e = cfg.export
+    if e.gptq_reserve_seconds > 0:
+        verdict = "within" if plan.seconds <= e.gptq_reserve_seconds else "OVER"
+        logger.log(f"gptq: calibration + quantization took {plan.seconds:.1f} s, {verdict} the "
+                   f"{e.gptq_reserve_seconds:.1f} s reserved from the wall-clock budget; training + gptq = "
+                   f"{trainer.training_time_ms / 1000 + plan.seconds:.1f} s")
+
+    def write() -> dict:
+        blob = pack_artifact(plan.qdict, meta=artifact_meta(cfg), compressor=e.compressor, storage=e.storage,
+                             layout=e.layout)
+        # The run directory belongs to this run alone; an artifact already in it is a stale one
+        # from an attempt that stopped before finishing (a resumed run replaces it).
+        write_artifact(path, blob, overwrite=True)
+        described = describe_artifact(blob, estimate=True)
+        formats = ", ".join(f"{fmt} {n:,}" for fmt, n in described["params"].items())
+        logger.log(f"export: {described['compressor']}, storage {described['storage']}, layout "
+                   f"{described['layout']}: {len(blob):,} bytes; parameters by format: {formats}")
+        return described["breakdown"]
+
+    breakdown = info.main_only(write)
+    report = size_report(path.stat().st_size, code_bytes, code_description, breakdown=breakdown)
+    qdict, _meta = read_artifact(path)
+    state = {k: v.to(info.device) for k, v in dequantize_state_dict(qdict).items()}
+    trainer.base_model.load_state_dict(state, strict=True)
+    fingerprint = state_fingerprint(trainer.base_model)
+    seq_len = cfg.train.train_seq_len
+    stride = cfg.train.eval_stride or seq_len
+    kind = "standard" if stride == seq_len else "sliding"
+    logger.log(f"roundtrip eval: {kind} windows, seq_len {seq_len}, stride {stride} (train.eval_stride)")
+    roundtrip = trainer.validate(stride=None if stride == seq_len else stride)
+    receipt = Receipt(kind, {"seq_len": seq_len, "stride": stride}, roundtrip.tokens, fingerprint)
+    receipt.add_score(0, roundtrip.tokens, fingerprint, roundtrip.loss_sum, roundtrip.tokens, roundtrip.bytes)
+    receipt.finalize()
+    receipt.info = {"source": f"artifact {path}", "world_size": info.world_size, "device": str(info.device)}
+    # A receipt left by an attempt that stopped before finishing is replaced, like the artifact.
+    receipt_path = info.main_only(write_receipt, run_dir / "receipts" / "roundtrip.json", receipt, overwrite=True)
+    logger.event("final", size=size_to_dict(report), roundtrip=roundtrip.to_dict(), roundtrip_stride=stride,
+                 receipt=str(receipt_path))
+    return ExportResult(path, report, roundtrip, stride)

@@ -1,0 +1,67 @@
+"""Quantization-aware training: the linear layers see their weights as the export will store them.
+
+Two modes, switched on late in training (`qat.start_frac` of the wall-clock budget, or of the
+iterations when there is no cap):
+- "ste": straight-through fake quantization, w + (quant(w) - w).detach(): the forward pass uses
+  per-row symmetric intN weights, the gradient flows to w unchanged;
+- "noise": w + u * scale with u ~ U(-1/2, 1/2) drawn every step: rounding error as noise, for
+  recurrent cores where hard rounding error compounds through the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+from torch import Tensor
+
+from pgolf.model.gpt import CastedLinear
+
+
+def row_scale(w: Tensor, bits: int) -> Tensor:
+    qmax = 2 ** (bits - 1) - 1
+    return (w.detach().abs().amax(dim=1, keepdim=True) / qmax).clamp_min(1e-12)
+
+
+def fake_quantize(w: Tensor, bits: int, mode: str) -> Tensor:
+    scale = row_scale(w, bits)
+    if mode == "noise":
+        return w + (torch.rand_like(w) - 0.5) * scale
+    qmax = 2 ** (bits - 1) - 1
+    quantized = torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+    return w + (quantized - w).detach()
+
+
+def qat_layers(model: torch.nn.Module, pattern: str) -> list[tuple[str, CastedLinear]]:
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, CastedLinear) and re.search(pattern, name + ".weight")]
+
+
+def enable_qat(model: torch.nn.Module, bits: int, mode: str, pattern: str) -> int:
+    """Turn fake quantization on for the matching linear layers; returns how many."""
+    if mode not in ("ste", "noise"):
+        raise ValueError(f"qat.mode must be 'ste' or 'noise', got '{mode}'")
+    layers = qat_layers(model, pattern)
+    for _, layer in layers:
+        layer.weight_transform = lambda w, b=bits, m=mode: fake_quantize(w, b, m)
+    return len(layers)
+
+
+def disable_qat(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, CastedLinear):
+            module.weight_transform = None
+
+
+@contextlib.contextmanager
+def qat_suspended(model: torch.nn.Module):
+    """Plain weights inside the block (evaluation), the hooks restored after it."""
+    saved = {m: m.weight_transform for m in model.modules() if isinstance(m, CastedLinear)}
+    for m in saved:
+        m.weight_transform = None
+    try:
+        yield
+    finally:
+        for m, transform in saved.items():
+            m.weight_transform = transform

@@ -1,0 +1,195 @@
+"""Presets in configs/: each resolves, builds, and holds the parameters its arithmetic says; a preset
+that requires a capability pgolf lacks is refused by name; the fp16-embedding export switch."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from pgolf.compress.container import pack_artifact, unpack_artifact
+from pgolf.cli import main as cli_main
+from pgolf.compress.policy import effective_policy, plan_export
+from pgolf.config import CAPABILITIES, REPO_CONFIG_DIR, Config, ConfigError, ModelConfig, resolve_config
+from pgolf.model.gpt import GPT, count_parameters
+from pgolf.compress.quant import dequantize_state_dict, policy_bits
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+PRESETS = sorted(p.stem for p in REPO_CONFIG_DIR.glob("*.toml"))
+
+
+def attention(d: int, kv_heads: int, heads: int) -> int:
+    kv = kv_heads * (d // heads)
+    return d * d + kv * d + kv * d + d * d  # c_q, c_k, c_v, proj
+
+
+def controls(d: int, heads: int) -> int:
+    return d + d + 2 * d + heads  # attn_scale, mlp_scale, resid_mix, q_gain
+
+
+# Hand-computed: embedding + layers x (attention + MLP matrices + controls) + skip weights.
+EXPECTED_PARAMS = {
+    "baseline": 1024 * 512 + 9 * (attention(512, 4, 8) + 2 * 512 * 1024 + controls(512, 8)) + 4 * 512,
+    "smoke": 260 * 128 + 4 * (attention(128, 2, 4) + 2 * 128 * 256 + controls(128, 4)) + 2 * 128,
+    # SwiGLU: three matrices (gate, up, proj) of d x hidden.
+    "seed_swiglu_576x7": 1024 * 576 + 7 * (attention(576, 4, 8) + 3 * 576 * 768 + controls(576, 8)) + 3 * 576,
+    "seed_recurrence_swiglu": 1024 * 416 + 11 * (attention(416, 4, 8) + 3 * 416 * 1152 + controls(416, 8)) + 5 * 416,
+    "ablation_relu2": 1024 * 512 + 9 * (attention(512, 4, 8) + 2 * 512 * 2048 + controls(512, 8)) + 4 * 512,
+    "ablation_gelu": 1024 * 512 + 9 * (attention(512, 4, 8) + 2 * 512 * 2048 + controls(512, 8)) + 4 * 512,
+    "ablation_silu": 1024 * 512 + 9 * (attention(512, 4, 8) + 2 * 512 * 2048 + controls(512, 8)) + 4 * 512,
+    "ablation_swiglu": 1024 * 512 + 9 * (attention(512, 4, 8) + 3 * 512 * 1368 + controls(512, 8)) + 4 * 512,
+}
+# (unique, effective) depth
+EXPECTED_DEPTH = {"seed_recurrence_swiglu": (11, 22), "seed_swiglu_576x7": (7, 7), "baseline": (9, 9)}
+
+
+def test_hand_arithmetic_matches_known_totals():
+    assert EXPECTED_PARAMS["baseline"] == 17_059_912  # the official baseline's count
+    assert EXPECTED_PARAMS["seed_swiglu_576x7"] == 16_864_760  # what the seed's own log reports
+    assert EXPECTED_PARAMS["seed_recurrence_swiglu"] == 21_971_960
+    assert EXPECTED_PARAMS["ablation_relu2"] == 26_497_096
+
+
+def test_every_preset_has_a_hand_computed_count():
+    assert set(PRESETS) == set(EXPECTED_PARAMS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_resolves_and_builds_with_its_parameter_count(name):
+    cfg, _ = resolve_config(name, [], env={})
+    with torch.device("meta"):  # full size, no memory
+        model = GPT(cfg.model)
+    assert count_parameters(model) == EXPECTED_PARAMS[name]
+    if name in EXPECTED_DEPTH:
+        assert (model.unique_depth, model.effective_depth) == EXPECTED_DEPTH[name]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_starts_with_a_comment(name):
+    first = (REPO_CONFIG_DIR / f"{name}.toml").read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# ") and len(first) > 20
+
+
+def test_ablation_mlps_match_within_one_percent():
+    mlp = {}
+    for name in ("relu2", "swiglu", "gelu", "silu"):
+        cfg, _ = resolve_config(f"ablation_{name}", [], env={})
+        assert cfg.model.mlp == name
+        with torch.device("meta"):
+            block = GPT(cfg.model).blocks[0]
+        mlp[name] = count_parameters(block.mlp)
+        # Only the MLP differs between the four.
+        other = {k: v for k, v in cfg.to_dict().items() if k != "run"}
+        other["model"] = {k: v for k, v in other["model"].items() if k not in ("mlp", "mlp_mult", "mlp_hidden")}
+        if name == "relu2":
+            reference = other
+        assert other == reference
+    assert mlp["relu2"] == mlp["gelu"] == mlp["silu"] == 2 * 512 * 2048
+    assert mlp["swiglu"] == 3 * 512 * 1368
+    assert max(mlp.values()) / min(mlp.values()) - 1 < 0.01
+
+
+def test_seed_presets_switch_what_they_claim():
+    seed, _ = resolve_config("seed_swiglu_576x7", [], env={})
+    assert (seed.model.mlp, seed.model.mlp_hidden, seed.optim.muon_wd) == ("swiglu", 768, 0.02)
+    assert seed.export.fp16_embedding and seed.train.warmdown_frac == 0.6 and seed.train.eval_stride == 64
+    rec, _ = resolve_config("seed_recurrence_swiglu", [], env={})
+    assert (rec.model.recurrence, rec.model.mlp, rec.optim.muon_wd, rec.train.eval_stride) == (2, "swiglu", 0.02, 64)
+    bits = policy_bits(effective_policy(rec.export))
+    assert bits("tok_emb.weight") == "fp16"
+    assert [bits(f"blocks.{i}.mlp.up.weight") for i in range(11)] == [6] + [5] * 9 + [6]
+    assert {bits(f"blocks.{i}.attn.{m}.weight") for i in range(11) for m in ("c_q", "c_k", "c_v", "proj")} == {6}
+
+
+# ----------------------------------------------------------------------------------------
+# requires = [...]
+# ----------------------------------------------------------------------------------------
+
+def write_preset(tmp_path, text: str):
+    path = tmp_path / "needs.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_preset_requiring_an_unbuilt_capability_is_refused(tmp_path, capsys):
+    path = write_preset(tmp_path, '# needs a warp drive\nrequires = ["swiglu", "warp_drive"]\n'
+                                  '[model]\nmlp = "swiglu"\n')
+    with pytest.raises(ConfigError) as err:
+        resolve_config(str(path), [], env={})
+    assert (f"preset {path} requires capability 'warp_drive', which this version of pgolf does not have"
+            in str(err.value))
+    assert cli_main(["train", "--config", str(path)]) == 2
+    assert "requires capability 'warp_drive'" in capsys.readouterr().err
+
+
+def test_requires_is_not_a_config_section(tmp_path):
+    path = write_preset(tmp_path, 'requires = ["swiglu", "recurrence"]\n[model]\nmlp = "swiglu"\nrecurrence = 2\n')
+    cfg, _ = resolve_config(str(path), [], env={})
+    assert cfg.model.recurrence == 2 and "requires" not in cfg.to_dict()
+    bad = write_preset(tmp_path, 'requires = "swiglu"\n')
+    with pytest.raises(ConfigError, match="requires must be a list of capability names"):
+        resolve_config(str(bad), [], env={})
+
+
+# A capability is listed only with the switch that provides it: each one resolves here.
+CAPABILITY_SWITCHES = {
+    "relu2": ["model.mlp=relu2"], "leaky_relu2": ["model.mlp=leaky_relu2"], "swiglu": ["model.mlp=swiglu"],
+    "gelu": ["model.mlp=gelu"], "silu": ["model.mlp=silu"], "recurrence": ["model.recurrence=2"],
+    "middle_cycle": ["model.num_layers=3", "model.cycle_stem=1", "model.cycle_core=1", "model.cycle_repeats=2",
+                     "model.cycle_tail=1"],
+    "muon_wd": ["optim.muon_wd=0.02"], "fp16_embedding": ["export.fp16_embedding=true"],
+    "mixed_bits": ["export.policy=mlp:5,attn:6"], "gptq": ["export.gptq=true"],
+    "bit_allocation": ["export.allocate=true"], "qat": ["qat.enabled=true"], "sliding_eval": ["train.eval_stride=64"],
+    "ttt": None,  # an evaluation mode: pgolf eval --ttt
+}
+
+
+@pytest.mark.parametrize("capability", sorted(CAPABILITIES))
+def test_every_capability_has_its_switch(capability):
+    assert set(CAPABILITY_SWITCHES) == set(CAPABILITIES)
+    if CAPABILITY_SWITCHES[capability] is None:
+        assert importlib.util.find_spec(f"pgolf.eval.{capability}") is not None
+    else:
+        resolve_config(None, CAPABILITY_SWITCHES[capability], env={})
+
+
+# ----------------------------------------------------------------------------------------
+# export.fp16_embedding
+# ----------------------------------------------------------------------------------------
+
+def exported(fp16_embedding: bool, policy=(), scheme="int8"):
+    cfg = Config()
+    # Large enough that the embedding (1024 x 256) and the MLP matrices are quantized at all.
+    cfg.model = ModelConfig(vocab_size=1024, num_layers=1, model_dim=256, num_heads=4, num_kv_heads=2)
+    cfg.export.fp16_embedding, cfg.export.policy, cfg.export.scheme = fp16_embedding, list(policy), scheme
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    plan = plan_export(model, cfg, [], torch.device("cpu"), code_bytes=0)
+    qdict, _ = unpack_artifact(pack_artifact(plan.qdict, meta={}, compressor="zlib"))
+    return model, qdict
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int6"])
+def test_fp16_embedding_stores_the_embedding_as_fp16_and_the_rest_as_before(scheme):
+    model, plain = exported(False, scheme=scheme)
+    _, fp16 = exported(True, scheme=scheme)
+    emb = model.tok_emb.weight.detach()
+    assert plain["tok_emb.weight"].kind in ("int8_per_row", "int_per_row")
+    q = fp16["tok_emb.weight"]
+    assert q.kind == "float" and q.data.dtype == torch.float16 and torch.equal(q.data, emb.half())
+    assert torch.equal(dequantize_state_dict(fp16)["tok_emb.weight"], emb.half().float())
+    assert set(plain) == set(fp16)
+    quantized = [n for n, t in plain.items() if t.kind in ("int8_per_row", "int_per_row") and n != "tok_emb.weight"]
+    assert "blocks.0.mlp.fc.weight" in quantized
+    for name in plain:
+        if name != "tok_emb.weight":
+            a, b = plain[name], fp16[name]
+            assert (a.kind, a.bits) == (b.kind, b.bits) and torch.equal(a.data, b.data), name
+
+
+def test_fp16_embedding_rule_comes_before_the_policy():
+    _, qdict = exported(True, policy=[["tok_emb", 4], ["mlp", 5]])
+    assert qdict["tok_emb.weight"].kind == "float" and qdict["tok_emb.weight"].data.dtype == torch.float16
+    assert qdict["blocks.0.mlp.fc.weight"].bits == 5

@@ -1,0 +1,130 @@
+"""The single-file train_gpt.py: what it holds, that its length is the counted code bytes, and
+that it trains exactly as pgolf does with no pgolf on the path."""
+
+import base64
+import json
+import lzma
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pgolf
+from pgolf.compress.accounting import code_bytes_of_package
+from pgolf.train.bundle import (_module_path, BUNDLE_EXIT_CODES, MODULE_SEPARATOR, bundle_config, bundle_modules, build_bundle,
+                          run_bundled)
+from pgolf.cli import STATUS_EXIT_CODES
+from pgolf.config import Config
+from pgolf.runs import read_json, read_metrics
+from pgolf.train.run import run_training
+from tests.train.test_train import tiny_config
+
+PACKAGE = Path(pgolf.__file__).resolve().parent
+
+
+def packed_sources(bundle: bytes) -> dict[str, str]:
+    blob = re.search(rb'^PACKED = b"([^"]*)"$', bundle, re.MULTILINE)[1]
+    parts = lzma.decompress(base64.b85decode(blob)).decode().split(MODULE_SEPARATOR)
+    return dict(zip(parts[::2], parts[1::2]))
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [e["train_loss"] for e in read_metrics(run_dir) if e["event"] == "train"]
+
+
+def sha(code_description: str) -> str:
+    return re.search(r"sha256:(\w+)", code_description)[1]
+
+
+def test_bundle_holds_the_import_closure_of_training(tmp_path):
+    sources = packed_sources(build_bundle(tiny_config(tmp_path)))
+    assert sources == bundle_modules()
+    for name in ("pgolf", "pgolf.train.run", "pgolf.model.gpt", "pgolf.train.export", "pgolf.compress.quant", "pgolf.data.synthetic",
+                 "pgolf.data.tokenizer", "pgolf.train.bundle"):
+        assert sources[name] == _module_path(name).read_text(), name
+    # Tools that training never imports stay out: they are not counted.
+    for name in ("pgolf.cli", "pgolf.lab.submit", "pgolf.data.fineweb", "pgolf.eval.run"):
+        assert name not in sources
+
+
+def test_pgolf_sources_import_statically():
+    """The bundle finds modules by reading import statements; a computed import would be missed."""
+    for name, text in bundle_modules().items():
+        assert "import_module(" not in text and "__import__(" not in text, name
+
+
+def test_bundle_is_deterministic_and_the_same_file_for_every_seed(tmp_path):
+    one = build_bundle(tiny_config(tmp_path, "train.seed=1", "run.run_id=a", "run.group=g"))
+    again = build_bundle(tiny_config(tmp_path, "train.seed=1", "run.run_id=a", "run.group=g"))
+    other_seed = build_bundle(tiny_config(tmp_path, "train.seed=2", "run.run_id=b", "run.runs_dir=elsewhere"))
+    assert one == again == other_seed
+    changed = build_bundle(tiny_config(tmp_path, "model.mlp_mult=3"))
+    assert changed != one and "'mlp_mult': 3" in changed.decode()
+
+
+def test_counted_code_bytes_are_the_bundle_length(tmp_path):
+    cfg = tiny_config(tmp_path)
+    n, desc = code_bytes_of_package(cfg)
+    assert n == len(build_bundle(cfg)) == len(build_bundle(cfg.to_dict()))
+    assert "train_gpt.py" in desc and re.search(r"sha256:[0-9a-f]{16}", desc)
+
+
+def test_embedded_config_is_the_recipe_without_the_run_identity(tmp_path):
+    cfg = tiny_config(tmp_path, "train.seed=5", "run.group=g", "run.run_id=x")
+    recipe = bundle_config(cfg)
+    assert recipe["model"]["num_layers"] == 3 and "seed" not in recipe.get("train", {})
+    assert "run" not in recipe or not {"run_id", "group", "runs_dir"} & set(recipe["run"])
+    assert recipe["model"]["num_heads"] == 2 and recipe["data"]["source"] == "synthetic"
+    assert bundle_config(Config()) == {}  # the baseline has nothing to say
+
+
+def test_bundle_exit_codes_are_pgolf_trains():
+    assert BUNDLE_EXIT_CODES == STATUS_EXIT_CODES
+
+
+def test_bundled_main_refuses_a_bad_override(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("NUM_LAYERS", raising=False)
+    assert run_bundled(bundle_config(tiny_config(tmp_path)), ["model.num_layer=3"]) == 2
+    assert "did you mean 'num_layers'" in capsys.readouterr().err
+    monkeypatch.setenv("NUM_LAYERS", "three")
+    assert run_bundled(bundle_config(tiny_config(tmp_path)), []) == 2
+    assert "NUM_LAYERS" in capsys.readouterr().err
+
+
+def test_bundled_train_gpt_trains_exactly_like_pgolf(tmp_path, one_cpu_thread):
+    """Run train_gpt.py in a clean interpreter (cwd outside the source tree, only a decoy pgolf on
+    the path) with SEED and RUN_ID from the environment: same losses, same roundtrip score, and its
+    code bytes are its own length, which is what the in-process run counted."""
+    cfg = tiny_config(tmp_path, "train.iterations=3", "train.val_loss_every=0", "train.warmup_steps=1",
+                      "train.seed=7", "run.run_id=pgolf")
+    ours = run_training(cfg, console=False)
+    work = tmp_path / "submission"
+    work.mkdir()
+    bundle = work / "train_gpt.py"
+    bundle.write_bytes(build_bundle(cfg))
+    # A decoy pgolf that any ordinary `import pgolf` finds first (and whose import fails): the
+    # bundle must serve its own modules ahead of every installed or path package.
+    decoy = tmp_path / "decoy" / "pgolf"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy pgolf was imported, not the bundle')\n")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(decoy.parent), "SEED": "7", "RUN_ID": "bundled"}
+    probe = subprocess.run([sys.executable, "-c", "import pgolf"], cwd=work, env=env, capture_output=True, text=True)
+    assert "decoy pgolf was imported" in probe.stderr
+    proc = subprocess.run([sys.executable, "train_gpt.py"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"pgolf modules used were loaded from {bundle}" in proc.stdout
+
+    theirs_dir = work / "runs" / "bundled"
+    theirs = read_json(theirs_dir / "summary.json")
+    assert len(losses(tmp_path / "runs" / "pgolf")) == 3
+    assert losses(theirs_dir) == losses(tmp_path / "runs" / "pgolf")
+    assert theirs["roundtrip"] == ours["roundtrip"] and theirs["pre_quant"] == ours["pre_quant"]
+    assert theirs["size"]["code_bytes"] == bundle.stat().st_size == ours["size"]["code_bytes"]
+    assert "this file" in theirs["size"]["code_description"]
+    assert sha(theirs["size"]["code_description"]) == sha(ours["size"]["code_description"])
+    saved = read_json(theirs_dir / "config.json")
+    assert saved["preset"] == "train_gpt.py" and saved["config"]["train"]["seed"] == 7
+    assert json.loads(json.dumps(bundle_config(saved["config"]))) == bundle_config(cfg)

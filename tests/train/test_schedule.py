@@ -1,0 +1,92 @@
+"""Learning-rate warmdown (the official lr_mul, plus the wall-clock-fraction form), hand numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgolf.config import TrainConfig
+from pgolf.train.lr import lr_scale
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**kw)
+
+
+def test_iteration_warmdown_without_cap():
+    c = cfg(iterations=1000, warmdown_iters=200, max_wallclock_seconds=0)
+    elapsed = 123_456.0  # ignored without a cap
+    assert lr_scale(0, elapsed, c) == 1.0
+    assert lr_scale(799, elapsed, c) == 1.0
+    assert lr_scale(800, elapsed, c) == 1.0  # (1000 - 800) / 200
+    assert lr_scale(900, elapsed, c) == pytest.approx(0.5)
+    assert lr_scale(950, elapsed, c) == pytest.approx(0.25)
+    assert lr_scale(999, elapsed, c) == pytest.approx(0.005)
+    # Official lr_mul: outside [iterations - warmdown, iterations) the multiplier is 1.0
+    # (step == iterations is never trained).
+    assert lr_scale(1000, elapsed, c) == 1.0
+
+
+def test_iteration_warmdown_longer_than_training():
+    c = cfg(iterations=100, warmdown_iters=400, max_wallclock_seconds=0)
+    assert lr_scale(0, 0.0, c) == pytest.approx(0.25)  # (100 - 0) / 400
+    assert lr_scale(60, 0.0, c) == pytest.approx(0.1)
+
+
+def test_wallclock_warmdown_iters_official_formula():
+    # cap 600 s; warmdown lasts warmdown_iters steps at the average step time so far.
+    c = cfg(iterations=20_000, warmdown_iters=100, max_wallclock_seconds=600.0)
+    # 1000 steps in 500 s: 500 ms/step -> warmdown 50 s; 100 s remain -> not yet.
+    assert lr_scale(1000, 500_000.0, c) == 1.0
+    # 1100 steps in 572 s: 520 ms/step -> warmdown 52 s; 28 s remain -> 28/52.
+    assert lr_scale(1100, 572_000.0, c) == pytest.approx(28 / 52)
+    # 1150 steps in 598.0 s: 520 ms/step -> 2 s / 52 s.
+    assert lr_scale(1150, 598_000.0, c) == pytest.approx(2 / 52)
+    # Past the cap: 0.
+    assert lr_scale(1200, 600_000.0, c) == 0.0
+    assert lr_scale(1210, 610_000.0, c) == 0.0
+    # Iterations play no part once a cap is set: near `iterations` but early in the budget.
+    assert lr_scale(19_990, 1_000.0, c) == 1.0
+
+
+def test_wallclock_warmdown_at_step_zero():
+    c = cfg(warmdown_iters=1200, max_wallclock_seconds=600.0)
+    assert lr_scale(0, 0.0, c) == 1.0  # no step time known yet: 0 ms warmdown
+    # Step 0 counts as one step: 1000 ms/step -> warmdown 1200 s > 599 s remaining.
+    assert lr_scale(0, 1_000.0, c) == pytest.approx(599_000 / 1_200_000)
+
+
+def test_wallclock_default_baseline_numbers():
+    # The baseline: 1200 warmdown iters, 600 s. At ~43.5 ms/step the warmdown takes 52.2 s.
+    c = cfg()
+    assert c.warmdown_iters == 1200 and c.max_wallclock_seconds == 600.0 and c.warmdown_frac == 0.0
+    step, elapsed = 10_000, 435_000.0  # 43.5 ms/step
+    assert lr_scale(step, elapsed, c) == 1.0
+    step, elapsed = 13_000, 565_500.0  # 43.5 ms/step, 34.5 s left of a 52.2 s warmdown
+    assert lr_scale(step, elapsed, c) == pytest.approx(34_500 / 52_200)
+
+
+def test_wallclock_warmdown_frac():
+    c = cfg(warmdown_frac=0.2, warmdown_iters=1200, max_wallclock_seconds=600.0)
+    # Last 20% of the 600 s budget = the last 120 s, independent of the step count.
+    assert lr_scale(10, 400_000.0, c) == 1.0
+    assert lr_scale(10, 480_000.0, c) == 1.0
+    assert lr_scale(99_999, 480_000.0, c) == 1.0
+    assert lr_scale(10, 540_000.0, c) == pytest.approx(0.5)
+    assert lr_scale(10, 570_000.0, c) == pytest.approx(0.25)
+    assert lr_scale(10, 600_000.0, c) == 0.0
+    assert lr_scale(10, 700_000.0, c) == 0.0
+
+
+def test_warmdown_frac_without_cap_uses_iterations():
+    c = cfg(warmdown_frac=0.25, iterations=1000, max_wallclock_seconds=0)
+    assert lr_scale(749, 0.0, c) == 1.0
+    assert lr_scale(750, 0.0, c) == 1.0
+    assert lr_scale(875, 0.0, c) == pytest.approx(0.5)
+    assert lr_scale(990, 0.0, c) == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize("cap", [0.0, 600.0])
+def test_no_warmdown(cap):
+    c = cfg(warmdown_iters=0, max_wallclock_seconds=cap, iterations=100)
+    for step, elapsed in ((0, 0.0), (50, 300_000.0), (99, 599_999.0), (100, 700_000.0)):
+        assert lr_scale(step, elapsed, c) == 1.0
