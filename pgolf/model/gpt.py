@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf.config import ModelConfig
+from pgolf.model.config import ModelConfig
 
 # Small "control" parameters: kept in fp32, trained with Adam, exported as fp32.
 CONTROL_PARAM_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")

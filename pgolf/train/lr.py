@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgolf.config import TrainConfig
+from pgolf.train.config import TrainConfig
 
 
 def lr_scale(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pgolf.config import OptimConfig
+from pgolf.train.config import OptimConfig
 from pgolf.model.gpt import GPT, is_control_param
 
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon): they push all singular values

@@ -1,0 +1,22 @@
+"""The data config section ([data])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    # "shards": official shard files under data_path; "synthetic": a generated order-2
+    # Markov corpus with an exactly known entropy rate (no download needed).
+    source: str = "shards"
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    train_pattern: str = "fineweb_train_*.bin"
+    val_pattern: str = "fineweb_val_*.bin"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    synthetic_train_tokens: int = 2_000_000
+    synthetic_val_tokens: int = 131_072
+    synthetic_seed: int = 0
+    # A background thread cuts the next batch into a reused pinned buffer while the GPU
+    # computes: auto (on for CUDA) | on | off. Same batches, same order either way.
+    prefetch: str = "auto"

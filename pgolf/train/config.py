@@ -1,0 +1,83 @@
+"""The training config sections: [train], [optim], [qat], [run]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    iterations: int = 20000
+    # Warmdown: a linear decay of every learning rate to zero at the end of training.
+    # warmdown_frac > 0 gives it as a fraction of the wall-clock budget (the seeds' form);
+    # otherwise warmdown_iters, with the official meaning.
+    warmdown_iters: int = 1200
+    warmdown_frac: float = 0.0
+    # Untimed steps that prime compilation; weights, optimizer and data are then restored.
+    warmup_steps: int = 20
+    train_batch_tokens: int = 524_288
+    train_seq_len: int = 1024
+    max_wallclock_seconds: float = 600.0
+    val_batch_size: int = 524_288
+    val_loss_every: int = 1000
+    # 0 = the whole validation split (the official metric); >0 caps it for quick runs.
+    val_max_tokens: int = 0
+    # Window stride of the final (roundtrip) evaluation: 0 = train_seq_len, the standard
+    # evaluation; smaller slides the windows, scoring each token with more context.
+    eval_stride: int = 0
+    train_log_every: int = 200
+    grad_clip_norm: float = 0.0
+    checkpoint_every: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    compile: str = "auto"  # auto (on for CUDA) | on | off
+    # Softcapped cross-entropy computed in token chunks, never holding fp32 logits for the
+    # whole batch (pgolf.train.losses): auto (on for CUDA) | on | off. Off by default until its
+    # speed is measured on a GPU: it recomputes the head matmul in backward.
+    fused_loss: str = "off"
+    # Attention kernel: auto (the fastest measured on CUDA) | flash | cudnn | efficient | math
+    sdpa_backend: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    tied_embed_lr: float = 0.05
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    muon_momentum: float = 0.95
+    muon_backend_steps: int = 5
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    # Decoupled weight decay p <- p (1 - lr wd) with each group's scheduled lr; 0 = off (official).
+    muon_wd: float = 0.0
+    adam_wd: float = 0.0  # every Adam group: embedding, head, control scalars
+    # Newton-Schulz on stacks of same-shape matrices in one batched call: auto (on for CUDA) | on | off
+    batched_ns: str = "auto"
+    # With several processes: reduce-scatter the matrix gradients, each rank orthogonalises its
+    # share, all-gather the updates (pgolf.train.parallel_muon): auto (on for CUDA, world size > 1) | on | off.
+    # Off by default until it is measured over NCCL on GPUs (verified on CPU/gloo only).
+    parallel_muon: str = "off"
+
+
+@dataclass
+class QATConfig:
+    enabled: bool = False
+    # Switch on once this fraction of the wall-clock budget (or of the iterations) has passed.
+    start_frac: float = 0.85
+    bits: int = 6
+    mode: str = "ste"  # ste | noise
+    pattern: str = r"^blocks\."  # regex over parameter names of the linear layers it applies to
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    runs_dir: str = "runs"
+    run_id: str = ""  # empty: derived from the time, name and seed
+    # Runs of one claim (e.g. the seeds of `pgolf run --seeds`) share a group id.
+    group: str = ""
