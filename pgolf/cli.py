@@ -13,7 +13,7 @@ from pgolf.config import (DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, Config, Confi
                           resolve_config)
 from pgolf.runtime.distributed import MICRO_BATCHES
 from pgolf.lab.experiments import register_compare, register_run
-from pgolf.lab.ledger import register as register_ledger
+from pgolf.lab.ledger import LedgerHooks, register as register_ledger
 from pgolf.lab.plots import register as register_plot
 from pgolf.lab.plan_cli import register as register_plan
 from pgolf.lab.submit import register as register_submit
@@ -114,34 +114,9 @@ def _resolve(args: argparse.Namespace) -> tuple[Config, list[str], str]:
     preset = args.config or (OFFICIAL_DEFAULT_PRESET if official_env_present(os.environ) else DEFAULT_PRESET)
     overrides = list(args.overrides)
     if args.data:
-        overrides = _data_dir_overrides(Path(args.data), overrides) + overrides
+        overrides = data_dir_overrides(Path(args.data), overrides) + overrides
     cfg, applied = resolve_config(preset, overrides)
     return cfg, applied, preset
-
-
-def _data_dir_overrides(data_dir: Path, user_overrides: list[str]) -> list[str]:
-    """--data DIR: official shards in DIR; its tokenizer and vocabulary unless overridden."""
-    if not data_dir.is_dir():
-        raise ConfigError(f"--data {data_dir}: not a directory")
-    out = ["data.source=shards", f"data.data_path={data_dir}"]
-    user_keys = {o.split("=", 1)[0].strip() for o in user_overrides}
-    for key, pattern in (("data.train_pattern", "fineweb_train_*.bin"), ("data.val_pattern", "fineweb_val_*.bin")):
-        if key not in user_keys:
-            out.append(f"{key}={pattern}")
-    if "data.tokenizer_path" not in user_keys:
-        models = sorted(data_dir.glob("*.model"))
-        if len(models) == 1:
-            out.append(f"data.tokenizer_path={models[0]}")
-        elif len(models) > 1:
-            raise ConfigError(f"--data {data_dir}: several tokenizers ({', '.join(m.name for m in models)}); "
-                              "choose one with data.tokenizer_path=...")
-        else:
-            raise ConfigError(f"--data {data_dir}: no SentencePiece .model file in it; pass data.tokenizer_path=PATH")
-        if "model.vocab_size" not in user_keys:
-            from pgolf.data.tokenizer import load_tokenizer
-
-            out.append(f"model.vocab_size={load_tokenizer(models[0]).vocab_size}")
-    return out
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -194,10 +169,10 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         if args.overrides or args.config or args.data:
             raise ConfigError("--resume continues a run with its saved config exactly; it takes no --config, "
                               "--data or overrides (start a new run to change settings)")
-        summary = run_training(Config(), resume=args.resume)
+        summary = run_training(Config(), resume=args.resume, hooks=LedgerHooks())
     else:
         cfg, applied, preset = _resolve(args)
-        summary = run_training(cfg, preset=preset, env_applied=applied)
+        summary = run_training(cfg, preset=preset, env_applied=applied, hooks=LedgerHooks())
     if os.environ.get(LAUNCHED_ENV):
         return 0
     return STATUS_EXIT_CODES.get(summary.get("status"), EXIT_FAILED)
@@ -214,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = EvalOptions(stride=args.stride, seq_len=args.seq_len, batch_windows=args.batch, max_tokens=args.max_tokens,
                        ttt=ttt, live=args.live, data_dir=args.data, receipt_path=args.receipt,
                        budget_seconds=args.budget, device=args.device)
-    result = run_eval(args.target, opts, log=(lambda *_: None) if args.json else print)
+    result = run_eval(args.target, opts, log=(lambda *_: None) if args.json else print, hooks=LedgerHooks())
     if args.json and os.environ.get("RANK", "0") == "0":
         print(json.dumps(result, indent=2))
     return 0

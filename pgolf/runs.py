@@ -27,6 +27,21 @@ class RunError(RuntimeError):
     """A run directory that cannot be created, found or resumed."""
 
 
+class RunHooks:
+    """What the caller of a training or evaluation wants to be told (rank 0 only). Training and
+    evaluation never import the lab: the CLI passes the ledger's hooks, a shipped bundle the
+    default ones, which do nothing."""
+
+    def run_started(self, run_dir: Path, device, world_size: int) -> None:
+        pass
+
+    def run_ended(self, run_dir: Path) -> None:
+        """summary.json holds the outcome."""
+
+    def eval_scored(self, run_dir: Path, kind: str, result: dict, stride: int) -> None:
+        pass
+
+
 def new_run_id(cfg: Config) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.run.name) or "run"

@@ -374,3 +374,28 @@ def validate(config: Config) -> None:
                         "optim.parallel_muon=off")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def data_dir_overrides(data_dir: Path, user_overrides: list[str]) -> list[str]:
+    """--data DIR: official shards in DIR; its tokenizer and vocabulary unless overridden."""
+    if not data_dir.is_dir():
+        raise ConfigError(f"--data {data_dir}: not a directory")
+    out = ["data.source=shards", f"data.data_path={data_dir}"]
+    user_keys = {o.split("=", 1)[0].strip() for o in user_overrides}
+    for key, pattern in (("data.train_pattern", "fineweb_train_*.bin"), ("data.val_pattern", "fineweb_val_*.bin")):
+        if key not in user_keys:
+            out.append(f"{key}={pattern}")
+    if "data.tokenizer_path" not in user_keys:
+        models = sorted(data_dir.glob("*.model"))
+        if len(models) == 1:
+            out.append(f"data.tokenizer_path={models[0]}")
+        elif len(models) > 1:
+            raise ConfigError(f"--data {data_dir}: several tokenizers ({', '.join(m.name for m in models)}); "
+                              "choose one with data.tokenizer_path=...")
+        else:
+            raise ConfigError(f"--data {data_dir}: no SentencePiece .model file in it; pass data.tokenizer_path=PATH")
+        if "model.vocab_size" not in user_keys:
+            from pgolf.data.tokenizer import load_tokenizer
+
+            out.append(f"model.vocab_size={load_tokenizer(models[0]).vocab_size}")
+    return out

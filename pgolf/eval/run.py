@@ -20,11 +20,10 @@ from pgolf.data.shards import check_token_range, load_validation_tokens
 from pgolf.runtime.distributed import DistInfo, setup_distributed, teardown_distributed
 from pgolf.eval.windows import score_windows, to_result, window_plan
 from pgolf.train.export import ARTIFACT_NAME
-from pgolf.lab.ledger import record_eval
 from pgolf.model.gpt import build_model
 from pgolf.compress.quant import dequantize_state_dict
 from pgolf.eval.receipt import Receipt, state_fingerprint, write_receipt
-from pgolf.runs import read_json
+from pgolf.runs import RunHooks, read_json
 from pgolf.data.tokenizer import check_vocab, load_tokenizer
 from pgolf.eval.ttt import TTTConfig, run_ttt
 
@@ -87,7 +86,7 @@ def _receipt_path(folder: Path, kind: str, given: str | None) -> Path:
     return path
 
 
-def run_eval(target: str, opts: EvalOptions, log=print) -> dict:
+def run_eval(target: str, opts: EvalOptions, log=print, hooks: RunHooks = RunHooks()) -> dict:
     cfg, state, folder, source = load_target(target, opts.live)
     if opts.data_dir:
         cfg.data.source, cfg.data.data_path = "shards", opts.data_dir
@@ -96,7 +95,7 @@ def run_eval(target: str, opts: EvalOptions, log=print) -> dict:
     try:
         result = _evaluate(cfg, state, folder, source, opts, info, log if info.is_main else (lambda *_: None))
         if info.is_main and Path(target).is_dir() and not (opts.live or opts.data_dir):
-            record_eval(Path(target), result["kind"], result, opts.stride or opts.seq_len or cfg.train.train_seq_len)
+            hooks.eval_scored(Path(target), result["kind"], result, opts.stride or opts.seq_len or cfg.train.train_seq_len)
         info.barrier()  # on success, no rank tears down while another still has collectives in flight
         return result
     finally:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pgolf.config import Config, ConfigError, resolve_config
-from pgolf.lab.ledger import SCORED_STATUSES, Ledger, ensure_run, format_table
+from pgolf.config import Config, ConfigError, data_dir_overrides, resolve_config
+from pgolf.lab.ledger import SCORED_STATUSES, LedgerHooks, Ledger, ensure_run, format_table
 from pgolf.runs import group_run_dirs
 from pgolf.lab.stats import ALPHA, MARGIN_NATS, summarize, verdict
 
@@ -52,9 +52,7 @@ def default_group_id(preset: str) -> str:
 def resolve_with_data(preset: str | None, overrides: list[str], data: str | None) -> tuple[Config, list[str]]:
     """resolve_config as `pgolf train` does it, including --data DIR."""
     if data:
-        from pgolf.cli import _data_dir_overrides
-
-        overrides = _data_dir_overrides(Path(data), overrides) + overrides
+        overrides = data_dir_overrides(Path(data), overrides) + overrides
     return resolve_config(preset, overrides)
 
 
@@ -73,7 +71,7 @@ def train_one(cfg: Config, preset: str | None, env_applied: list[str], console: 
 
     seed = cfg.train.seed
     try:
-        summary = run_training(cfg, preset=preset, env_applied=env_applied, console=console)
+        summary = run_training(cfg, preset=preset, env_applied=env_applied, console=console, hooks=LedgerHooks())
         status, error = summary.get("status", "failed"), summary.get("error")
     except Exception as exc:  # noqa: BLE001 - one seed's failure, whatever it is, must not end the queue
         status, error = "failed", f"{type(exc).__name__}: {exc}"

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pgolf.config import Config, ConfigError, resolve_config
-from pgolf.runs import read_json, write_json
+from pgolf.runs import RunHooks, read_json, write_json
 
 LEDGER_NAME = "ledger.sqlite"
 # Keys that label a run or set its logging/checkpoint cadence without changing what it learns.
@@ -377,4 +377,17 @@ def register(subparsers) -> None:
     p.add_argument("--scan", action="store_true", help="first import run directories the ledger does not know")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(handler=cmd_ledger)
+
+
+class LedgerHooks(RunHooks):
+    """Records runs and their scores in the ledger of the runs directory."""
+
+    def run_started(self, run_dir: Path, device, world_size: int) -> None:
+        record_run_start(run_dir, device, world_size)
+
+    def run_ended(self, run_dir: Path) -> None:
+        record_run_end(run_dir)
+
+    def eval_scored(self, run_dir: Path, kind: str, result: dict, stride: int) -> None:
+        record_eval(run_dir, kind, result, stride)
 

@@ -30,14 +30,13 @@ from pgolf.data.shards import (DistributedTokenLoader, check_token_range, load_v
 from pgolf.runtime.distributed import DistInfo, setup_distributed, teardown_distributed
 from pgolf.eval.windows import EvalResult, autocast_for, evaluate_bpb
 from pgolf.train.export import export_and_roundtrip, size_to_dict
-from pgolf.lab.ledger import record_run_end, record_run_start
 from pgolf.train.losses import ChunkedLossModel, use_fused_loss
 from pgolf.model.gpt import GPT, build_model, count_parameters, mlp_hidden_size
 from pgolf.train.optim import Optimizers, build_optimizers, muon_momentum_at, orthogonalize, resolve_switch
 from pgolf.train.parallel_muon import ddp_ignore, use_parallel_muon
 from pgolf.train.progress import TrainProgress
 from pgolf.train.qat import disable_qat, enable_qat, qat_suspended
-from pgolf.runs import RunError, RunLogger, create_run_dir, find_run_dir, read_json, write_json
+from pgolf.runs import RunError, RunHooks, RunLogger, create_run_dir, find_run_dir, read_json, write_json
 from pgolf.train.lr import lr_scale
 from pgolf.runtime.sdpa import attention_shape, sdpa_backend
 from pgolf.data.tokenizer import check_vocab, load_tokenizer
@@ -234,6 +233,7 @@ def run_training(
     env_applied: list[str] | None = None,
     interrupt_at_step: int | None = None,
     console: bool = True,
+    hooks: RunHooks = RunHooks(),
 ) -> dict:
     """Train, export and verify one run; returns its summary (also saved as summary.json).
 
@@ -248,7 +248,8 @@ def run_training(
         configure_backends(info.device)
         run_dir = resume_dir or _create_run(cfg, info, preset, env_applied or [])
         cfg.run.run_id = run_dir.name
-        summary = _run(cfg, info, run_dir, resume_dir is not None, env_applied or [], interrupt_at_step, console)
+        summary = _run(cfg, info, run_dir, resume_dir is not None, env_applied or [], interrupt_at_step, console,
+                       hooks)
         info.barrier()  # on success, no rank tears down while another still has collectives in flight
         return summary
     finally:
@@ -266,12 +267,12 @@ def _create_run(cfg: Config, info: DistInfo, preset, env_applied) -> Path:
 
 
 def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied, interrupt_at_step,
-         console) -> dict:
+         console, hooks: RunHooks) -> dict:
     logger = RunLogger(run_dir, enabled=info.is_main, console=console)
     summary_path = run_dir / "summary.json"
     if info.is_main:
         write_json(summary_path, {"status": "running", "run_id": run_dir.name})
-        record_run_start(run_dir, info.device, info.world_size)
+        hooks.run_started(run_dir, info.device, info.world_size)
     try:
         with sdpa_backend(cfg.train.sdpa_backend, info.device, attention_shape(cfg), logger.log, info.broadcast_object):
             return _train_export(cfg, info, run_dir, logger, resumed, env_applied, interrupt_at_step)
@@ -286,8 +287,8 @@ def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied,
             logger.event("error", message=str(exc))
         raise
     finally:
-        if info.is_main:  # the ledger row takes the outcome summary.json now holds
-            record_run_end(run_dir)
+        if info.is_main:
+            hooks.run_ended(run_dir)
 
 
 def _interrupted_message(run_dir: Path) -> str:

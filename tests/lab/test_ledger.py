@@ -13,7 +13,7 @@ import pytest
 from pgolf.lab import ledger as ledger_mod
 from pgolf.cli import main as cli_main
 from pgolf.config import Config, resolve_config
-from pgolf.lab.ledger import Ledger, config_diff, config_hash, ensure_run, git_commit, ledger_path
+from pgolf.lab.ledger import Ledger, LedgerHooks, config_diff, config_hash, ensure_run, git_commit, ledger_path
 from pgolf.train.run import run_training
 from tests.train.test_train import TINY_MODEL, TINY_TRAIN, synthetic_overrides, tiny_config
 
@@ -62,7 +62,7 @@ def test_git_commit_never_fails(monkeypatch):
 
 
 def test_a_run_records_itself(tmp_path, one_cpu_thread, capsys):
-    summary = run_training(tiny_config(tmp_path, *FAST, "run.group=grp", "train.seed=5"), console=False)
+    summary = run_training(tiny_config(tmp_path, *FAST, "run.group=grp", "train.seed=5"), console=False, hooks=LedgerHooks())
     rows = Ledger(tmp_path / "runs").rows()
     assert len(rows) == 1
     row = rows[0]
@@ -95,7 +95,7 @@ def test_a_run_records_itself(tmp_path, one_cpu_thread, capsys):
 
 
 def test_ledger_is_rebuilt_from_run_directories(tmp_path, one_cpu_thread, capsys):
-    summary = run_training(tiny_config(tmp_path, *FAST), console=False)
+    summary = run_training(tiny_config(tmp_path, *FAST), console=False, hooks=LedgerHooks())
     ledger_path(tmp_path / "runs").unlink()
     run_dir = tmp_path / "runs" / summary["run_id"]
     row = ensure_run(run_dir)
@@ -107,7 +107,7 @@ def test_ledger_is_rebuilt_from_run_directories(tmp_path, one_cpu_thread, capsys
 
 def test_writing_the_ledger_never_fails_a_run(tmp_path, one_cpu_thread, capsys):
     ledger_path(tmp_path / "runs").mkdir(parents=True)  # a directory where the database should be
-    summary = run_training(tiny_config(tmp_path, *FAST), console=False)
+    summary = run_training(tiny_config(tmp_path, *FAST), console=False, hooks=LedgerHooks())
     assert summary["status"] == "done"
     assert "could not update the run ledger" in capsys.readouterr().err
 
@@ -164,7 +164,7 @@ def test_a_killed_run_is_reported_as_killed(tmp_path):
 
 
 def test_a_stale_running_row_takes_the_outcome_of_summary_json(tmp_path, one_cpu_thread):
-    summary = run_training(tiny_config(tmp_path, *FAST), console=False)
+    summary = run_training(tiny_config(tmp_path, *FAST), console=False, hooks=LedgerHooks())
     ledger = Ledger(tmp_path / "runs")
     # As if the final ledger write had been lost: the row still says running, from a process long gone.
     ledger.upsert(summary["run_id"], status="running", pid=2 ** 22 + 12345, val_bpb=None)
