@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from pgolf.config import (DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, Config, ConfigError, official_env_present,
-                          resolve_config)
-from pgolf.runtime.distributed import MICRO_BATCHES
+                          data_dir_overrides, resolve_config)
 from pgolf.lab.experiments import register_compare, register_run
 from pgolf.lab.ledger import LedgerHooks, register as register_ledger
 from pgolf.lab.plots import register as register_plot
@@ -19,12 +18,9 @@ from pgolf.lab.plan_cli import register as register_plan
 from pgolf.lab.submit import register as register_submit
 from pgolf.lab.sweep import register as register_sweep
 from pgolf.eval.ttt import TTTConfig
+from pgolf.rules import (EVAL_TIME_LIMIT_S, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, MICRO_BATCHES,
+                         STATUS_EXIT_CODES)
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_OVER_CAP = 3
-EXIT_INTERRUPTED = 130
-STATUS_EXIT_CODES = {"done": 0, "over_cap": EXIT_OVER_CAP, "interrupted": EXIT_INTERRUPTED}
 # Set by `pgolf train --nproc`: workers then report handled outcomes through summary.json and
 # exit 0, so torchrun does not bury them under its own failure traceback.
 LAUNCHED_ENV = "PGOLF_LAUNCHED"
@@ -59,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--live", action="store_true", help="score the run's last checkpoint, not the artifact")
     ev.add_argument("--data", default=None, metavar="DIR", help="validation shards from DIR instead of the run's")
     ev.add_argument("--receipt", default=None, help="where to write the receipt (default: the run's receipts/)")
-    ev.add_argument("--budget", type=float, default=600.0, help="evaluation budget in seconds (default 600)")
+    ev.add_argument("--budget", type=float, default=EVAL_TIME_LIMIT_S,
+                    help=f"evaluation budget in seconds (default {EVAL_TIME_LIMIT_S:.0f})")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--ttt", action="store_true", help="score-first test-time training")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pgolf.config import Config
+from pgolf.runtime.files import atomic_write
 
 
 class RunError(RuntimeError):
@@ -91,9 +92,7 @@ def group_run_dirs(group: str, runs_dir: str | Path = "runs") -> list[Path]:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically so a killed process never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path) -> Any:

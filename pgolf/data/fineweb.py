@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from pgolf.data.shards import ShardError, read_shard_header
+from pgolf.runtime.files import atomic_write
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_PREFIX = "datasets"
@@ -65,19 +65,13 @@ def _is_complete(path: Path) -> bool:
 
 def _place(source: Path, destination: Path) -> None:
     """Hard-link (or copy) ``source`` to ``destination`` through a temporary name."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    try:
+    def link_or_copy(tmp: Path) -> None:
         try:
             os.link(source, tmp)  # free when the HF cache is on the same filesystem
         except OSError:
             shutil.copy2(source, tmp)
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(destination, link_or_copy)
 
 
 def _hub_fetcher(repo_id: str) -> Callable[[str], Path]:

@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import queue
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from pgolf.runtime.files import atomic_write
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -115,17 +116,7 @@ def write_shard(path: str | os.PathLike, tokens: Any, *, overwrite: bool = False
         raise ValueError(f"{path}: {arr.size} tokens do not fit the int32 header count")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(arr.astype("<u2", copy=False).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, header.tobytes() + arr.astype("<u2", copy=False).tobytes())
 
 
 def resolve_shards(pattern: str | os.PathLike) -> list[Path]:

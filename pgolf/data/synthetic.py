@@ -22,13 +22,13 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pgolf.data.tokenizer import ByteTokenizer
+from pgolf.runtime.files import atomic_write
 
 __all__ = ["DEFAULT_ALPHABET", "MarkovSource", "write_synthetic_corpus"]
 
@@ -299,9 +299,7 @@ def write_synthetic_corpus(
         ),
     }
     # Written last and atomically: its presence marks a complete corpus.
-    tmp = out / "synthetic.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "synthetic.json")
+    atomic_write(out / "synthetic.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 

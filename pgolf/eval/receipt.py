@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from pgolf.data.tokenizer import bits_per_byte
+from pgolf.runtime.files import atomic_write
 
 RECEIPT_FORMAT = "pgolf-eval-receipt/1"
 
@@ -94,10 +94,7 @@ def write_receipt(path: Path, receipt: Receipt, overwrite: bool = False) -> Path
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"receipt {path} already exists; choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**body, "sha256": _digest(body)}, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({**body, "sha256": _digest(body)}, indent=1) + "\n")
     return path
 
 

@@ -23,11 +23,11 @@ from pgolf.train.export import ARTIFACT_NAME
 from pgolf.model.gpt import build_model
 from pgolf.compress.quant import dequantize_state_dict
 from pgolf.eval.receipt import Receipt, state_fingerprint, write_receipt
+from pgolf.rules import EVAL_TIME_LIMIT_S
 from pgolf.runs import RunHooks, read_json
 from pgolf.data.tokenizer import check_vocab, load_tokenizer
 from pgolf.eval.ttt import TTTConfig, run_ttt
 
-DEFAULT_BUDGET_SECONDS = 600.0
 
 
 @dataclass
@@ -40,7 +40,7 @@ class EvalOptions:
     live: bool = False  # score the run's last checkpoint instead of the artifact
     data_dir: str | None = None
     receipt_path: str | None = None
-    budget_seconds: float = DEFAULT_BUDGET_SECONDS
+    budget_seconds: float = EVAL_TIME_LIMIT_S
     device: str = "auto"
     compile: str = "auto"  # auto (on for CUDA) | on | off
 

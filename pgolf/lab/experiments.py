@@ -17,10 +17,10 @@ from pathlib import Path
 
 from pgolf.config import Config, ConfigError, data_dir_overrides, resolve_config
 from pgolf.lab.ledger import SCORED_STATUSES, LedgerHooks, Ledger, ensure_run, format_table
+from pgolf.rules import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OVER_CAP
 from pgolf.runs import group_run_dirs
 from pgolf.lab.stats import ALPHA, MARGIN_NATS, summarize, verdict
 
-EXIT_FAILED, EXIT_OVER_CAP, EXIT_INTERRUPTED = 1, 3, 130
 
 # name -> (what it is, ledger column in nats per token, ledger column in bits per byte)
 LOSS_METRICS: dict[str, tuple[str, str, str]] = {

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-EXIT_OVER_CAP = 3  # = pgolf.cli.EXIT_OVER_CAP (not imported: cli imports this module)
+from pgolf.rules import EXIT_OVER_CAP
 
 
 def _options(p: argparse.ArgumentParser) -> None:

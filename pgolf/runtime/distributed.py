@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# The official batch is always split into 8 micro-batches: world_size x grad_accum_steps.
-MICRO_BATCHES = 8
+from pgolf.rules import MICRO_BATCHES  # world_size x grad_accum_steps
 
 
 @dataclass

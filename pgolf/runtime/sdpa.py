@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pgolf.rules import MICRO_BATCHES
+
 CANDIDATES = ("flash", "cudnn", "efficient")
 
 
@@ -39,8 +41,6 @@ class AttentionShape:
 def attention_shape(cfg) -> AttentionShape:
     """The training micro-batch's attention shape for a resolved pgolf Config (the same on every
     rank whatever the world size: the batch is always cut into 8 micro-batches)."""
-    from pgolf.runtime.distributed import MICRO_BATCHES
-
     batch = max(cfg.train.train_batch_tokens // (MICRO_BATCHES * cfg.train.train_seq_len), 1)
     m = cfg.model
     return AttentionShape(batch, m.num_heads, m.num_kv_heads, cfg.train.train_seq_len, m.model_dim // m.num_heads)

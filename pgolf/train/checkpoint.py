@@ -9,12 +9,13 @@ last good checkpoint. Loading uses torch.load(weights_only=True): no code is exe
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from pgolf.runtime.files import atomic_write
 
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -30,9 +31,7 @@ class Checkpoint:
 
 
 def _save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pgolf.compress.container import pack_artifact
-from pgolf.cli import EXIT_OVER_CAP, main as cli_main
+from pgolf.cli import main as cli_main
+from pgolf.rules import EXIT_OVER_CAP
 from pgolf.compress.policy import plan_export
 from pgolf.config import resolve_config, set_key
 from pgolf.lab.plan import (build_initial_model, count_flops, count_parameters_by_component, estimate_artifact,
