@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pgolf.compress.container import describe_artifact, pack_artifact, unpack_artifact
-from pgolf.train.checkpoint import latest_checkpoint
+from pgolf.runs import latest_checkpoint
 from pgolf.compress.policy import plan_export
 from pgolf.config import config_from_dict
 from pgolf.data.shards import load_validation_tokens, resolve_shards

@@ -20,6 +20,7 @@ from pgolf.lab.sweep import register as register_sweep
 from pgolf.eval.ttt import TTTConfig
 from pgolf.rules import (EVAL_TIME_LIMIT_S, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, MICRO_BATCHES,
                          STATUS_EXIT_CODES)
+from pgolf.runs import RunDir
 
 # Set by `pgolf train --nproc`: workers then report handled outcomes through summary.json and
 # exit 0, so torchrun does not bury them under its own failure traceback.
@@ -150,7 +151,7 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
            "-m", "pgolf", *forwarded]
     print("launching: " + " ".join(cmd), flush=True)
     code = subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
-    summary_path = run_dir / "summary.json"
+    summary_path = RunDir(run_dir).summary
     if summary_path.exists():
         status = json.loads(summary_path.read_text(encoding="utf-8")).get("status")
         return STATUS_EXIT_CODES.get(status, EXIT_FAILED)

@@ -1,12 +1,6 @@
 """Run directories: `runs/<run_id>/` with the resolved config, metrics JSONL and a human log.
 
-Layout:
-  config.json     resolved config (all keys), the preset it came from, applied env vars
-  metrics.jsonl   one JSON object per event (train, val, checkpoint, final, error)
-  train.log       what was printed, with the same numbers
-  checkpoints/    step_XXXXXXX.pt (periodic) and final.pt
-  model.pgolf     the compressed artifact
-  summary.json    the final numbers and the run's status
+RunDir names every file in one; no other module spells them.
 """
 
 from __future__ import annotations
@@ -26,6 +20,88 @@ from pgolf.runtime.files import atomic_write
 
 class RunError(RuntimeError):
     """A run directory that cannot be created, found or resumed."""
+
+
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class RunDir:
+    """One run's directory and the names of the files in it:
+
+      config.json     resolved config (all keys), the preset it came from, applied env vars
+      metrics.jsonl   one JSON object per event (train, val, checkpoint, final, error)
+      train.log       what was printed, with the same numbers
+      checkpoints/    step_XXXXXXX.pt, with step_XXXXXXX.opt<rank>.pt beside each
+      model.pgolf     the compressed artifact
+      receipts/       evaluation receipts; roundtrip.json is the training's final score
+      summary.json    the final numbers and the run's status
+    """
+
+    CONFIG, METRICS, LOG, SUMMARY = "config.json", "metrics.jsonl", "train.log", "summary.json"
+    CHECKPOINTS, RECEIPTS, ARTIFACT = "checkpoints", "receipts", "model.pgolf"
+    ROUNDTRIP_RECEIPT = "roundtrip.json"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def log(self) -> Path:
+        return self.path / self.LOG
+
+    @property
+    def summary(self) -> Path:
+        return self.path / self.SUMMARY
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def receipts(self) -> Path:
+        return self.path / self.RECEIPTS
+
+    @property
+    def artifact(self) -> Path:
+        return self.path / self.ARTIFACT
+
+    @property
+    def roundtrip_receipt(self) -> Path:
+        return self.receipts / self.ROUNDTRIP_RECEIPT
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def read_summary(self) -> dict:
+        """summary.json, or {} while the run has none."""
+        return read_json(self.summary) if self.summary.exists() else {}
+
+    def latest_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.checkpoints)
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:07d}.pt"
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (rank 0 writes step_XXXXXXX.pt last)."""
+    steps = sorted((int(m.group(1)), p) for p in Path(ckpt_dir).glob("step_*.pt") if (m := STEP_FILE.match(p.name)))
+    return steps[-1][1] if steps else None
 
 
 class RunHooks:
@@ -66,21 +142,21 @@ def create_run_dir(cfg: Config) -> Path:
             f"run directory {path} already exists and is never overwritten; "
             f"continue it with `pgolf train --resume {path}` or choose another run.run_id"
         ) from None
-    (path / "checkpoints").mkdir()
+    RunDir(path).checkpoints.mkdir()
     return path
 
 
 def find_run_dir(run: str, runs_dir: str = "runs") -> Path:
     for candidate in (Path(run), Path(runs_dir) / run):
-        if (candidate / "config.json").is_file():
+        if RunDir(candidate).is_run():
             return candidate
-    raise RunError(f"no run found at '{run}' (looked for {run}/config.json and {runs_dir}/{run}/config.json)")
+    raise RunError(f"no run found at '{run}' (looked for {run}/{RunDir.CONFIG} and {runs_dir}/{run}/{RunDir.CONFIG})")
 
 
 def group_run_dirs(group: str, runs_dir: str | Path = "runs") -> list[Path]:
     """Run directories whose resolved config has run.group == group, oldest first."""
     found = []
-    for config_path in sorted(Path(runs_dir).glob("*/config.json")):
+    for config_path in sorted(Path(runs_dir).glob(f"*/{RunDir.CONFIG}")):
         try:
             run_cfg = read_json(config_path).get("config", {}).get("run", {})
         except (OSError, ValueError):
@@ -108,8 +184,8 @@ class RunLogger:
         self.console = console
         self.status_hook = None  # set by a progress display to print above its bar
         if enabled and run_dir is not None:
-            for name in ("metrics.jsonl", "train.log"):
-                _end_with_newline(run_dir / name)
+            for path in (RunDir(run_dir).metrics, RunDir(run_dir).log):
+                _end_with_newline(path)
 
     def log(self, message: str, console: bool = True) -> None:
         if not self.enabled:
@@ -117,14 +193,14 @@ class RunLogger:
         if console and self.console:
             (self.status_hook or print)(message)
         if self.run_dir is not None:
-            with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
+            with open(RunDir(self.run_dir).log, "a", encoding="utf-8") as f:
                 f.write(message + "\n")
 
     def event(self, kind: str, **fields: Any) -> None:
         if not self.enabled or self.run_dir is None:
             return
         record = {"event": kind, "time": round(time.time(), 3), **fields}
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(RunDir(self.run_dir).metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def error(self, message: str) -> None:
@@ -132,7 +208,7 @@ class RunLogger:
         if self.enabled:
             print(message, file=sys.stderr)
             if self.run_dir is not None:
-                with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
+                with open(RunDir(self.run_dir).log, "a", encoding="utf-8") as f:
                     f.write("ERROR: " + message + "\n")
 
 
@@ -147,7 +223,7 @@ def _end_with_newline(path: Path) -> None:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The run's events; a line cut short by a killed process is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return []
     events = []

@@ -14,17 +14,15 @@ from pathlib import Path
 import torch
 
 from pgolf.compress.container import read_artifact
-from pgolf.train.checkpoint import latest_checkpoint
 from pgolf.config import Config, config_from_dict
 from pgolf.data.shards import check_token_range, load_validation_tokens
 from pgolf.runtime.distributed import DistInfo, setup_distributed, teardown_distributed
 from pgolf.eval.windows import score_windows, to_result, window_plan
-from pgolf.train.export import ARTIFACT_NAME
 from pgolf.model.gpt import build_model
 from pgolf.compress.quant import dequantize_state_dict
 from pgolf.eval.receipt import Receipt, state_fingerprint, write_receipt
 from pgolf.rules import EVAL_TIME_LIMIT_S
-from pgolf.runs import RunHooks, read_json
+from pgolf.runs import RunDir, RunHooks, read_json
 from pgolf.data.tokenizer import check_vocab, load_tokenizer
 from pgolf.eval.ttt import TTTConfig, run_ttt
 
@@ -49,16 +47,16 @@ def load_target(target: str, live: bool) -> tuple[Config, dict, Path, str]:
     """(config, state dict, folder for receipts, description) of a run directory or artifact."""
     path = Path(target)
     if path.is_dir():
-        cfg = config_from_dict(read_json(path / "config.json")["config"])
+        cfg = config_from_dict(read_json(RunDir(path).config)["config"])
         if live:
-            ckpt = latest_checkpoint(path / "checkpoints")
+            ckpt = RunDir(path).latest_checkpoint()
             if ckpt is None:
                 raise FileNotFoundError(f"run {path} has no checkpoint to evaluate live weights from")
             state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
-            return cfg, state, path / "receipts", f"live weights of {ckpt}"
-        artifact = path / ARTIFACT_NAME
+            return cfg, state, RunDir(path).receipts, f"live weights of {ckpt}"
+        artifact = RunDir(path).artifact
         if not artifact.exists():
-            raise FileNotFoundError(f"run {path} has no artifact {ARTIFACT_NAME}: it did not finish; "
+            raise FileNotFoundError(f"run {path} has no artifact {RunDir.ARTIFACT}: it did not finish; "
                                     f"evaluate its last checkpoint with --live")
     elif path.is_file():
         if live:
@@ -70,7 +68,7 @@ def load_target(target: str, live: bool) -> tuple[Config, dict, Path, str]:
     if "config" not in meta:
         raise ValueError(f"artifact {artifact} carries no config; evaluate it through its run directory")
     cfg = config_from_dict(meta["config"]) if not path.is_dir() else cfg
-    folder = path / "receipts" if path.is_dir() else artifact.parent
+    folder = RunDir(path).receipts if path.is_dir() else artifact.parent
     return cfg, dequantize_state_dict(qdict), folder, f"artifact {artifact}"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from pgolf.config import Config, ConfigError, data_dir_overrides, resolve_config
 from pgolf.lab.ledger import SCORED_STATUSES, LedgerHooks, Ledger, ensure_run, format_table
 from pgolf.rules import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OVER_CAP
-from pgolf.runs import group_run_dirs
+from pgolf.runs import RunDir, group_run_dirs
 from pgolf.lab.stats import ALPHA, MARGIN_NATS, summarize, verdict
 
 
@@ -77,7 +77,7 @@ def train_one(cfg: Config, preset: str | None, env_applied: list[str], console: 
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         print(f"seed {seed}: failed: {error}", file=sys.stderr)
     run_dir = Path(cfg.run.runs_dir) / cfg.run.run_id if cfg.run.run_id else None
-    if run_dir is not None and not (run_dir / "config.json").is_file():
+    if run_dir is not None and not RunDir(run_dir).is_run():
         run_dir = None  # it failed before its run directory existed
     return Outcome(seed, run_dir.name if run_dir else None, run_dir, status, error)
 
@@ -188,9 +188,9 @@ def resolve_runs(target: str, runs_dir: str | Path = "runs") -> list[Path]:
     found: list[Path] = []
     for part in filter(None, (p.strip() for p in target.split(","))):
         path = Path(part)
-        if (path / "config.json").is_file():
+        if RunDir(path).is_run():
             dirs = [path]
-        elif (Path(runs_dir) / part / "config.json").is_file():
+        elif RunDir(Path(runs_dir) / part).is_run():
             dirs = [Path(runs_dir) / part]
         else:
             dirs = group_run_dirs(part, runs_dir)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pgolf.config import Config, ConfigError, resolve_config
-from pgolf.runs import RunHooks, read_json, write_json
+from pgolf.runs import RunDir, RunHooks, read_json, write_json
 
 LEDGER_NAME = "ledger.sqlite"
 # Keys that label a run or set its logging/checkpoint cadence without changing what it learns.
@@ -212,14 +212,14 @@ def process_alive(pid: int | None, start: str | None = None) -> bool:
 
 def _read_summary(run_dir: Path) -> dict:
     try:
-        return read_json(run_dir / "summary.json")
+        return read_json(RunDir(run_dir).summary)
     except (OSError, ValueError):
         return {}
 
 
 def _fields_from_run_dir(run_dir: Path) -> dict[str, Any]:
     """Ledger fields from a run directory's config.json and summary.json."""
-    saved = read_json(run_dir / "config.json")
+    saved = read_json(RunDir(run_dir).config)
     cfg_dict, preset = saved["config"], saved.get("preset")
     summary = _read_summary(run_dir)
     pre, rt, size = summary.get("pre_quant") or {}, summary.get("roundtrip") or {}, summary.get("size") or {}
@@ -297,15 +297,15 @@ def ensure_run(run_dir: Path) -> dict:
 def move_to_group(run_dir: Path, group: str) -> None:
     """Relabel a run's group in its config.json and the ledger (run.group is a label: the config
     hash does not change). A sweep moves an abandoned attempt out of its experiment's group."""
-    saved = read_json(run_dir / "config.json")
+    saved = read_json(RunDir(run_dir).config)
     saved["config"]["run"]["group"] = group
-    write_json(run_dir / "config.json", saved)
+    write_json(RunDir(run_dir).config, saved)
     ensure_run(run_dir)
     Ledger(run_dir.parent).upsert(run_dir.name, group_id=group)
 
 
 def _started_at(run_dir: Path) -> str:
-    stamp = (run_dir / "config.json").stat().st_mtime
+    stamp = RunDir(run_dir).config.stat().st_mtime
     return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds")
 
 

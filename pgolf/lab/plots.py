@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgolf.runs import read_json, read_metrics
+from pgolf.runs import RunDir, read_json, read_metrics
 
 
 def _pyplot():
@@ -45,7 +45,7 @@ def run_curves(run_dir: Path, label: str | None = None) -> Curves:
             curves.val_seconds.append(e.get("train_time_ms", 0.0) / 1000)
             curves.val_loss.append(e["val_loss"])
             curves.val_bpb.append(e["val_bpb"])
-    summary_path = run_dir / "summary.json"
+    summary_path = RunDir(run_dir).summary
     if summary_path.exists():
         s = read_json(summary_path)
         if s.get("roundtrip"):
@@ -136,7 +136,7 @@ def plot_targets(targets: list[str], runs_dir: str | Path, out_dir: Path) -> lis
     for i, (target, dirs) in enumerate(resolved):
         color = f"C{i % 10}"
         for d in dirs:
-            seed = read_json(d / "config.json")["config"]["train"]["seed"]
+            seed = read_json(RunDir(d).config)["config"]["train"]["seed"]
             runs.append((run_curves(d, d.name if len(dirs) == 1 else f"{target} s{seed}"), color))
         values = [r["val_bpb"] for r in scored([ensure_run(d) for d in dirs])]
         if values:

@@ -53,7 +53,7 @@ from pgolf.config import ConfigError
 from pgolf.lab.experiments import (RunsProgress, add_options_and_overrides, parse_options_and_overrides,
                                resolve_with_data, scored, train_one)
 from pgolf.lab.ledger import ensure_run, move_to_group
-from pgolf.runs import read_json, write_json
+from pgolf.runs import RunDir, read_json, write_json
 from pgolf.lab.stats import ALPHA, MARGIN_NATS, summarize, verdict
 
 SPEC_KEYS = {"name", "preset", "data", "seeds", "base", "keep", "budget", "variants", "grid"}
@@ -305,7 +305,7 @@ class Sweep:
         for entry in exp.runs:
             if entry["status"] != "running":
                 continue
-            summary_path = self.runs_dir / entry["run_id"] / "summary.json"
+            summary_path = RunDir(self.runs_dir / entry["run_id"]).summary
             finished = read_json(summary_path).get("status") if summary_path.is_file() else None
             if finished in ("done", "over_cap"):  # the sweep stopped right after this run ended: keep it
                 entry["status"] = finished
@@ -336,7 +336,7 @@ class Sweep:
         """The group holds the claim's runs only (`pgolf submit GROUP` reads it): the stopped attempt
         leaves it for <group>.abandoned."""
         run_dir = self.runs_dir / run_id
-        if (run_dir / "config.json").is_file():
+        if RunDir(run_dir).is_run():
             move_to_group(run_dir, f"{exp.group}.abandoned")
         self.log(f"[sweep {self.spec.name}] {run_id} stopped midway; it moves to group {exp.group}.abandoned "
                  "and its seed starts again in a new run directory")
@@ -346,7 +346,7 @@ class Sweep:
 
     def rows(self, exp: Experiment) -> list[dict]:
         dirs = [self.runs_dir / r["run_id"] for r in exp.runs if r["status"] != "abandoned"]
-        return [ensure_run(d) for d in dirs if (d / "config.json").is_file()]
+        return [ensure_run(d) for d in dirs if RunDir(d).is_run()]
 
     def _decide(self, exp: Experiment, default: Experiment | None) -> None:
         rows = self.rows(exp)

@@ -9,16 +9,13 @@ last good checkpoint. Loading uses torch.load(weights_only=True): no code is exe
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pgolf.runs import checkpoint_path
 from pgolf.runtime.files import atomic_write
-
-STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-
 
 @dataclass
 class Checkpoint:
@@ -32,10 +29,6 @@ class Checkpoint:
 
 def _save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
-    return ckpt_dir / f"step_{step:07d}.pt"
 
 
 def save_checkpoint(ckpt_dir: Path, ckpt: Checkpoint, rank: int, barrier=lambda: None) -> Path:
@@ -52,11 +45,6 @@ def save_checkpoint(ckpt_dir: Path, ckpt: Checkpoint, rank: int, barrier=lambda:
             main,
         )
     return main
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    steps = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("step_*.pt") if (m := STEP_FILE.match(p.name)))
-    return steps[-1][1] if steps else None
 
 
 def load_checkpoint(path: Path, rank: int, world_size: int, map_location="cpu") -> Checkpoint:

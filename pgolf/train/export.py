@@ -12,8 +12,9 @@ from pgolf.compress.policy import plan_export
 from pgolf.eval.windows import EvalResult
 from pgolf.compress.quant import dequantize_state_dict
 from pgolf.eval.receipt import Receipt, state_fingerprint, write_receipt
+from pgolf.runs import RunDir
 
-ARTIFACT_NAME = "model.pgolf"
+ARTIFACT_NAME = RunDir.ARTIFACT
 
 
 @dataclass
@@ -38,7 +39,7 @@ def size_to_dict(report: SizeReport) -> dict:
 def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
     """Rank 0 writes the artifact; every rank reloads it from disk and scores it."""
     info = trainer.info
-    path = run_dir / ARTIFACT_NAME
+    path = RunDir(run_dir).artifact
 
     code_bytes, code_description = code_bytes_of_package(cfg)  # the length of this run's train_gpt.py
     plan = plan_export(trainer.base_model, cfg, trainer.data.train_files, info.device, code_bytes)
@@ -79,7 +80,7 @@ def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
     receipt.finalize()
     receipt.info = {"source": f"artifact {path}", "world_size": info.world_size, "device": str(info.device)}
     # A receipt left by an attempt that stopped before finishing is replaced, like the artifact.
-    receipt_path = info.main_only(write_receipt, run_dir / "receipts" / "roundtrip.json", receipt, overwrite=True)
+    receipt_path = info.main_only(write_receipt, RunDir(run_dir).roundtrip_receipt, receipt, overwrite=True)
     logger.event("final", size=size_to_dict(report), roundtrip=roundtrip.to_dict(), roundtrip_stride=stride,
                  receipt=str(receipt_path))
     return ExportResult(path, report, roundtrip, stride)

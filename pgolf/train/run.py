@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pgolf.compress.accounting import check_size
 from pgolf.compress.container import ArtifactError
-from pgolf.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from pgolf.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pgolf.runtime.compile_check import RecompileWatch
 from pgolf.config import Config, config_from_dict
 from pgolf.data.shards import (DistributedTokenLoader, check_token_range, load_validation_tokens, read_shard_header,
@@ -36,7 +36,8 @@ from pgolf.train.optim import Optimizers, build_optimizers, muon_momentum_at, or
 from pgolf.train.parallel_muon import ddp_ignore, use_parallel_muon
 from pgolf.train.progress import TrainProgress
 from pgolf.train.qat import disable_qat, enable_qat, qat_suspended
-from pgolf.runs import RunError, RunHooks, RunLogger, create_run_dir, find_run_dir, read_json, write_json
+from pgolf.runs import (RunDir, RunError, RunHooks, RunLogger, create_run_dir, find_run_dir, latest_checkpoint,
+                        read_json, write_json)
 from pgolf.train.lr import lr_scale
 from pgolf.runtime.sdpa import attention_shape, sdpa_backend
 from pgolf.data.tokenizer import check_vocab, load_tokenizer
@@ -218,11 +219,10 @@ class TrainClock:
 
 
 def load_resumable_config(run_dir: Path) -> Config:
-    summary_path = run_dir / "summary.json"
-    summary = read_json(summary_path) if summary_path.exists() else {}
+    summary = RunDir(run_dir).read_summary()
     if summary.get("status") in ("done", "over_cap"):
         raise RunError(f"run {run_dir} already finished; start a new run instead of resuming it")
-    return config_from_dict(read_json(run_dir / "config.json")["config"])
+    return config_from_dict(read_json(RunDir(run_dir).config)["config"])
 
 
 def run_training(
@@ -260,7 +260,7 @@ def _create_run(cfg: Config, info: DistInfo, preset, env_applied) -> Path:
     def create() -> str:
         run_dir = create_run_dir(cfg)
         cfg.run.run_id = run_dir.name
-        write_json(run_dir / "config.json", {"config": cfg.to_dict(), "preset": preset, "env": env_applied})
+        write_json(RunDir(run_dir).config, {"config": cfg.to_dict(), "preset": preset, "env": env_applied})
         return str(run_dir)
 
     return Path(info.main_only(create))
@@ -269,7 +269,7 @@ def _create_run(cfg: Config, info: DistInfo, preset, env_applied) -> Path:
 def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied, interrupt_at_step,
          console, hooks: RunHooks) -> dict:
     logger = RunLogger(run_dir, enabled=info.is_main, console=console)
-    summary_path = run_dir / "summary.json"
+    summary_path = RunDir(run_dir).summary
     if info.is_main:
         write_json(summary_path, {"status": "running", "run_id": run_dir.name})
         hooks.run_started(run_dir, info.device, info.world_size)
@@ -292,14 +292,14 @@ def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied,
 
 
 def _interrupted_message(run_dir: Path) -> str:
-    last = latest_checkpoint(run_dir / "checkpoints")
+    last = RunDir(run_dir).latest_checkpoint()
     return (f"interrupted; continue from {last.name} with `pgolf train --resume {run_dir}`" if last
             else "interrupted before any checkpoint was written (set train.checkpoint_every to make runs resumable)")
 
 
 def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed: bool, env_applied,
                   interrupt_at_step) -> dict:
-    summary_path = run_dir / "summary.json"
+    summary_path = RunDir(run_dir).summary
     logger.log(f"run: {run_dir}  device: {info.device}  world_size: {info.world_size}  "
                f"grad_accum_steps: {info.grad_accum_steps}")
     if env_applied:
@@ -315,7 +315,7 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
                f"fused_loss: {trainer.fused_loss}")
     logger.log(f"architecture: mlp {cfg.model.mlp} (hidden {mlp_hidden_size(cfg.model)})  unique_depth: "
                f"{model.unique_depth}  effective_depth: {model.effective_depth}")
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = RunDir(run_dir).checkpoints
     trainer.warmup(cfg.train.warmup_steps)
     if resumed:
         path = latest_checkpoint(ckpt_dir)
