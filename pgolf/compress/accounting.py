@@ -7,6 +7,7 @@ the form a submission ships it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pgolf.compress.container import ArtifactError
 
@@ -46,10 +47,16 @@ def code_bytes_of_package(cfg=None) -> tuple[int, str]:
     """Counted code bytes: the exact length of the single-file ``train_gpt.py`` that
     `pgolf submit` ships for ``cfg`` (a Config or its dict; None: the default config), or,
     inside a running bundle, of that file. Returns (bytes, how they were counted)."""
-    from pgolf.train.bundle import code_bytes_for  # the bundler owns the file's form
-    from pgolf.config import Config
+    import pgolf
+    from pgolf.train.entry import describe_code
 
-    return code_bytes_for(Config() if cfg is None else cfg)
+    running = getattr(pgolf, "__bundle_file__", None)
+    if running:  # the bundler is not shipped: a bundle counts itself
+        data = Path(running).read_bytes()
+        return len(data), describe_code(data, f"the length of this file, {Path(running).name}")
+    from pgolf.train.bundle import code_bytes_for  # the bundler owns the file's form
+
+    return code_bytes_for(cfg)
 
 
 def size_report(model_bytes: int, code_bytes: int | None = None, code_description: str | None = None,

@@ -28,21 +28,20 @@ from datetime import date as Date
 from pathlib import Path
 from typing import Any
 
-from pgolf.train.bundle import BUNDLE_NAME, bundle_config, bundle_modules, build_bundle, describe_code
+from pgolf.train.bundle import BUNDLE_NAME, bundle_config, bundle_modules, build_bundle, compressor_of, describe_code
 from pgolf.config import Config, ConfigError, config_from_dict
+from pgolf.rules import SIZE_CAP_BYTES, TRACK_TIME_LIMIT_S
 from pgolf.runs import RunError, find_run_dir, group_run_dirs, read_json
 from pgolf.lab.stats import summarize
 
 DEFAULT_TRACK = "track_10min_16mb"
-TRACK_TIME_LIMIT_S = 600.0  # the record track's training budget
 ROUNDTRIP_RECEIPT = "roundtrip.json"
 # The last line `pgolf train` (and train_gpt.py) writes: the submitted score, in full.
 FINAL_LINE = re.compile(r"^final_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)\s*$", re.MULTILINE)
 SHA_IN_DESCRIPTION = re.compile(r"sha256:([0-9a-f]{16})")
 EXTRA_EVAL_KINDS = ("sliding", "ttt")
-# pgolf.compress.accounting.SIZE_CAP_BYTES and pgolf.train.export.ARTIFACT_NAME, without importing torch for the command line
-# (tests/test_submit.py checks they agree).
-SIZE_CAP_BYTES = 16_000_000
+# pgolf.train.export.ARTIFACT_NAME, without importing torch for the command line (tests/lab/test_submit.py checks
+# they agree).
 ARTIFACT_NAME = "model.pgolf"
 
 
@@ -398,7 +397,10 @@ def submit(targets: list[str], args: SubmitArgs, out: str | Path | None = None, 
     problems = recipe_problems(records)
     if problems:
         raise SubmitRefused(_refusal(problems))
-    bundle = build_bundle(records[0].config, bundle_modules())
+    # Ship the file the runs counted: packed with the compressor they counted (a run on a machine
+    # without brotli counted an lzma-packed file), from the modules their config needs.
+    counted = str((records[0].summary.get("size") or {}).get("code_description", ""))
+    bundle = build_bundle(records[0].config, bundle_modules(records[0].config), compressor_of(counted))
     problems = [p for r in records for p in run_problems(r, bundle)]
     if problems:
         raise SubmitRefused(_refusal(problems))

@@ -1,15 +1,18 @@
-"""The single-file `train_gpt.py` a submission ships: the pgolf modules a run needs, lzma +
-base85 packed, a loader that serves them, and the run's config.
+"""The single-file `train_gpt.py` a submission ships: the pgolf modules a run of a config needs,
+minified, compressed (brotli-11, or lzma without brotli) and base85-encoded, a loader that serves
+them, and the run's config.
 
-Its length is the counted code bytes (pgolf.compress.accounting asks `code_bytes_for`), so the number a
-run reports at export is the length of the file `pgolf submit` writes for it.
+Its length is the counted code bytes (pgolf.compress.accounting asks `code_bytes_for`), so the
+number a run reports at export is the length of the file `pgolf submit` writes for it.
 
-Inside the file: ``CONFIG`` (the config's difference from pgolf's defaults, which are the
-official baseline), then the packed modules, then an importer placed first on
-``sys.meta_path`` so an installed pgolf never shadows them. Running it resolves the config as
-`pgolf train` does (official environment variables such as DATA_PATH, SEED, RUN_ID, then
-``section.key=value`` arguments) and calls the same training function; under torchrun each
-rank does so.
+Which modules: the module-level imports of ROOT_MODULES, followed statically, plus the
+optional modules (imported inside functions) whose predicate in entry.OPTIONAL_MODULES holds for
+the config. Inside the file: a one-line header, ``CONFIG`` (the config's difference from pgolf's
+defaults, which are the official baseline), the packed modules, then an importer placed first
+on ``sys.meta_path`` so an installed pgolf never shadows them; it compiles each module under its
+package path (``.../train_gpt.py/pgolf/train/run.py``), so tracebacks name the original module.
+Running the file resolves the config as `pgolf train` does and trains; under torchrun each rank
+does so.
 """
 
 from __future__ import annotations
@@ -17,83 +20,80 @@ from __future__ import annotations
 import ast
 import base64
 import functools
-import hashlib
 import lzma
-import os
-import pprint
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from pgolf.config import Config, ConfigError, apply_env, apply_overrides, config_from_dict, validate
+from pgolf.config import Config, config_from_dict
+from pgolf.train.entry import BUNDLE_NAME, OPTIONAL_MODULES, describe_code
+from pgolf.train.minify import minify_source
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-ENTRY_MODULE = "pgolf.train.bundle"  # the import closure of this module is what a bundle carries
-BUNDLE_NAME = "train_gpt.py"
+ENTRY_MODULE = "pgolf.train.entry"  # the bundle's main and the optional-module table
+# Always bundled, with their module-level imports: the package, the main, and the training it
+# runs (which the main imports lazily, so that this bundler, importing entry, stays torch-free).
+ROOT_MODULES = ("pgolf", ENTRY_MODULE, "pgolf.train.run")
 # Keys that identify one run rather than the recipe: the seed (SEED picks it), where runs are
 # written and how they are named or grouped. They take their defaults in a bundle, so every
 # seed of a group ships the identical file.
 RUN_IDENTITY_KEYS = (("train", "seed"), ("run", "run_id"), ("run", "runs_dir"), ("run", "group"))
-# `pgolf train`'s exit statuses (pgolf.cli.STATUS_EXIT_CODES; the cli is not bundled).
-BUNDLE_EXIT_CODES = {"done": 0, "over_cap": 3, "interrupted": 130}
 MODULE_SEPARATOR = "\0"  # never occurs in source text
+COMPRESSORS = ("brotli", "lzma")  # best first; brotli when it is importable at pack time
 
+# The loader, after CONFIG and PACKED. Terse on purpose: its bytes are counted uncompressed.
+# {compressor} is the module that decompresses PACKED (brotli.decompress or lzma.decompress).
 LOADER = '''\
-import base64, importlib.abc, importlib.util, lzma, os, sys
-
-HERE = os.path.abspath(__file__)
-_parts = lzma.decompress(base64.b85decode(PACKED)).decode().split("\\0")
-SOURCES = dict(zip(_parts[::2], _parts[1::2]))  # module name -> source
-PACKAGES = {name.rpartition(".")[0] for name in SOURCES}
-
-
-class BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves the packed pgolf modules; first on sys.meta_path, so an installed pgolf never shadows them."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name not in SOURCES:
-            return None
-        package = name in PACKAGES
-        origin = os.path.join(HERE, *name.split("."), "__init__.py") if package else \\
-            os.path.join(HERE, *name.split(".")) + ".py"
-        return importlib.util.spec_from_file_location(name, origin, loader=self,
-                                                      submodule_search_locations=[] if package else None)
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        if module.__name__ == "pgolf":
-            module.__bundle_file__ = HERE  # code bytes are this file's length
-        exec(compile(SOURCES[module.__name__], module.__file__, "exec"), module.__dict__)
-
-    def get_source(self, name):  # source lines in tracebacks
-        return SOURCES[name]
-
-
-sys.meta_path.insert(0, BundleImporter())
-if __name__ == "__main__":
-    from pgolf.train.bundle import run_bundled
-
-    sys.exit(run_bundled(CONFIG, sys.argv[1:]))
+import base64,importlib.util as u,os,sys
+try:import {compressor} as z
+except ImportError:sys.exit("{bundle} needs {compressor}: pip install {compressor}")
+F=os.path.abspath(__file__)
+p=z.decompress(base64.b85decode(PACKED)).decode().split("\\0")
+S=dict(zip(p[::2],p[1::2]))
+class I:
+ def find_spec(s,n,*a):
+  if n in S:k=any(m.startswith(n+".")for m in S);return u.spec_from_file_location(n,os.path.join(F,*n.split("."))+("/__init__.py"if k else".py"),loader=s,submodule_search_locations=[]if k else None)
+ def create_module(s,x):pass
+ def exec_module(s,m):
+  if m.__name__=="pgolf":m.__bundle_file__=F
+  exec(compile(S[m.__name__],m.__file__,"exec"),m.__dict__)
+ def get_source(s,n):return S[n]
+sys.meta_path.insert(0,I())
+if __name__=="__main__":from {entry} import run_bundled;sys.exit(run_bundled(CONFIG,sys.argv[1:]))
 '''
 
 
+class BundleError(RuntimeError):
+    """A bundle cannot be built (unknown compressor, missing packer)."""
+
+
 # --- which modules ---------------------------------------------------------------------------
-def _imported_pgolf_modules(source: str, module: str) -> set[str]:
-    """Every pgolf module `module` imports anywhere (top level or inside functions)."""
+def _pgolf_imports(source: str, module: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(module-level, function-level) pgolf modules `module` imports. Module level includes
+    class bodies and if/try blocks: they run at import."""
     package = module if module == "pgolf" else module.rsplit(".", 1)[0]
-    found = set()
-    for node in ast.walk(ast.parse(source)):
+    found: tuple[set[str], set[str]] = (set(), set())
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        names: list[str] = []
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
+            names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: `from .quant import x`, `from . import quant`
                 base = package + (f".{base}" if base else "")
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pgolf import quant`
-    return {name for name in found if name == "pgolf" or name.startswith("pgolf.")}
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]  # `from pgolf import quant`
+        found[in_function].update(n for n in names if n == "pgolf" or n.startswith("pgolf."))
+        inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inner)
+
+    visit(ast.parse(source), False)
+    return frozenset(found[0]), frozenset(found[1])
+
+
+def _imported_pgolf_modules(source: str, module: str) -> set[str]:
+    """Every pgolf module `module` imports, at module level or inside functions."""
+    return set().union(*_pgolf_imports(source, module))
 
 
 def _module_path(name: str) -> Path | None:
@@ -104,35 +104,73 @@ def _module_path(name: str) -> Path | None:
     return None
 
 
-def bundle_modules() -> dict[str, str]:
-    """Source of every pgolf module reachable by imports from this module, by module name
-    (sorted). Imports are read from the source, so lazy imports inside functions count too."""
-    sources: dict[str, str] = {}
-    pending = ["pgolf", ENTRY_MODULE]
+@functools.lru_cache(maxsize=256)
+def _read_module(path: str, name: str, mtime_ns: int, size: int) -> tuple[str, frozenset[str], frozenset[str]]:
+    """(source, module-level and function-level pgolf imports) of a file, parsed again only when
+    it changes (every export asks)."""
+    source = Path(path).read_text(encoding="utf-8")
+    return (source, *_pgolf_imports(source, name))
+
+
+def _read(name: str) -> tuple[str, frozenset[str], frozenset[str]] | None:
+    path = _module_path(name)
+    if path is None:  # `from pgolf.x import name` also yields pgolf.x.name
+        return None
+    stat = path.stat()
+    return _read_module(str(path), name, stat.st_mtime_ns, stat.st_size)
+
+
+def _closure(roots: list[str], follow_lazy: bool) -> dict[str, tuple[str, frozenset[str], frozenset[str]]]:
+    """Modules reached from roots by module-level imports (and their parent packages); with
+    follow_lazy, also by function-level imports of modules OPTIONAL_MODULES does not list."""
+    found: dict[str, tuple[str, frozenset[str], frozenset[str]]] = {}
+    pending = list(roots)
     while pending:
         name = pending.pop()
-        path = _module_path(name)
-        if name in sources or path is None:  # `from pgolf.x import name` also yields pgolf.x.name
+        read = None if name in found else _read(name)
+        if read is None:
             continue
-        stat = path.stat()
-        sources[name], imports = _read_module(str(path), name, stat.st_mtime_ns, stat.st_size)
-        pending.extend(imports)
+        found[name] = read
+        pending.extend(read[1])
+        if follow_lazy:  # an unclassified lazy import is bundled, so it never misses; a test names it
+            pending.extend(m for m in read[2] if m not in OPTIONAL_MODULES)
         pending.extend(name.rsplit(".", i)[0] for i in range(1, name.count(".")))  # parent packages
-    return dict(sorted(sources.items()))
+    return found
 
 
-@functools.lru_cache(maxsize=256)
-def _read_module(path: str, name: str, mtime_ns: int, size: int) -> tuple[str, frozenset[str]]:
-    """(source, pgolf imports) of a file, parsed again only when it changes (every export asks)."""
-    source = Path(path).read_text(encoding="utf-8")
-    return source, frozenset(_imported_pgolf_modules(source, name))
+def bundle_modules(cfg: Config | Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Source (as on disk) of every pgolf module a run of cfg needs, by module name, sorted:
+    the module-level import closure of the entry module and of the optional modules cfg enables
+    (OPTIONAL_MODULES). None: the default config."""
+    cfg = _as_config(cfg)
+    roots = [*ROOT_MODULES, *(name for name, needed in OPTIONAL_MODULES.items() if needed(cfg))]
+    return {name: read[0] for name, read in sorted(_closure(roots, follow_lazy=True).items())}
+
+
+def unclassified_lazy_imports() -> list[str]:
+    """Function-level pgolf imports, anywhere in any config's closure, of a module that is
+    neither in OPTIONAL_MODULES nor imported at module level wherever the importer is bundled.
+    Each is a module a bundle could lack; it must be classified (empty when all is well)."""
+    every = _closure([*ROOT_MODULES, *OPTIONAL_MODULES], follow_lazy=True)
+    problems = []
+    for name, (_, _, lazy) in sorted(every.items()):
+        always_with_it = _closure([*ROOT_MODULES, name], follow_lazy=False)
+        problems += [f"{name} imports {target} inside a function" for target in sorted(lazy)
+                     if target not in OPTIONAL_MODULES and target not in always_with_it and _read(target)]
+    return problems
 
 
 # --- which config ----------------------------------------------------------------------------
+def _as_config(cfg: Config | Mapping[str, Any] | None) -> Config:
+    if cfg is None:
+        return Config()
+    return cfg if isinstance(cfg, Config) else config_from_dict(cfg)
+
+
 def bundle_config(cfg: Config | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The recipe of a run: its resolved config without the run's identity (RUN_IDENTITY_KEYS),
     as its difference from pgolf's defaults (the official baseline); a nested mapping."""
-    resolved = cfg.to_dict() if isinstance(cfg, Config) else config_from_dict(cfg).to_dict()
+    resolved = _as_config(cfg).to_dict()
     defaults = Config().to_dict()
     for section, key in RUN_IDENTITY_KEYS:
         resolved[section][key] = defaults[section][key]
@@ -145,86 +183,74 @@ def bundle_config(cfg: Config | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 # --- the file --------------------------------------------------------------------------------
-def pack_modules(sources: Mapping[str, str]) -> bytes:
-    """lzma + base85 of the modules as name, source, name, source ... (the .lzma container's
-    13-byte header instead of .xz's ~60; preset 9 is smaller on source text than 9 | extreme)."""
-    return _pack_text(MODULE_SEPARATOR.join(part for item in sources.items() for part in item))
+def default_compressor() -> str:
+    """brotli (quality 11) when importable here, else lzma: the one bundles are packed with."""
+    try:
+        import brotli  # noqa: F401
+    except ImportError:
+        return "lzma"
+    return "brotli"
+
+
+def pack_modules(sources: Mapping[str, str], compressor: str) -> bytes:
+    """base85 of the compressed modules as name, minified source, name, ... (minify_source)."""
+    text = MODULE_SEPARATOR.join(part for name, source in sources.items()
+                                 for part in (name, minify_source(source, _filename(name))))
+    return _pack_text(text, compressor)
+
+
+def _filename(name: str) -> str:
+    path = _module_path(name)
+    return str(path.relative_to(PACKAGE_DIR.parent)) if path else name
 
 
 @functools.lru_cache(maxsize=4)
-def _pack_text(text: str) -> bytes:
-    return base64.b85encode(lzma.compress(text.encode("utf-8"), format=lzma.FORMAT_ALONE, preset=9))
+def _pack_text(text: str, compressor: str) -> bytes:
+    data = text.encode("utf-8")
+    if compressor == "brotli":
+        try:
+            import brotli
+        except ImportError:
+            raise BundleError("this train_gpt.py is to be brotli-packed (the runs counted one packed so) but brotli "
+                              "is not installed: pip install brotli") from None
+
+        packed = brotli.compress(data, quality=11)
+    elif compressor == "lzma":  # the .lzma container's 13-byte header instead of .xz's ~60
+        packed = lzma.compress(data, format=lzma.FORMAT_ALONE, preset=9)
+    else:
+        raise BundleError(f"unknown compressor {compressor!r}; use one of {', '.join(COMPRESSORS)}")
+    return base64.b85encode(packed)
 
 
-def build_bundle(cfg: Config | Mapping[str, Any], sources: Mapping[str, str] | None = None) -> bytes:
-    """The bytes of train_gpt.py for cfg's recipe (bundle_config). Same inputs, same bytes."""
-    sources = bundle_modules() if sources is None else sources
+def build_bundle(cfg: Config | Mapping[str, Any], sources: Mapping[str, str] | None = None,
+                 compressor: str | None = None) -> bytes:
+    """The bytes of train_gpt.py for cfg's recipe (bundle_config): sources default to
+    bundle_modules(cfg), compressor to default_compressor(). Same inputs, same bytes."""
+    cfg = _as_config(cfg)
+    sources = bundle_modules(cfg) if sources is None else sources
+    compressor = compressor or default_compressor()
     from pgolf import __version__
 
-    header = (f'"""train_gpt.py: a pgolf {__version__} run in one file ({len(sources)} pgolf modules packed below).\n\n'
-              "Run: python train_gpt.py, or torchrun --standalone --nproc_per_node=8 train_gpt.py\n"
-              "The official environment variables (DATA_PATH, TOKENIZER_PATH, SEED, RUN_ID, ITERATIONS, ...) and\n"
-              "section.key=value arguments override CONFIG, as with `pgolf train`.\n"
-              'Needs torch, numpy and sentencepiece.\n"""\n')
-    config = "# The config's difference from pgolf's defaults (the official baseline).\n" \
-             f"CONFIG = {pprint.pformat(bundle_config(cfg), width=110, sort_dicts=False)}\n"
-    packed = b'PACKED = b"' + pack_modules(sources) + b'"\n'
-    return header.encode() + config.encode() + packed + LOADER.encode()
+    needs = "torch numpy sentencepiece" + (" brotli" if compressor == "brotli" else "")
+    header = (f"# pgolf {__version__}, {len(sources)} modules {compressor}-packed; needs {needs}. "
+              "Run: [torchrun --nproc_per_node=8] train_gpt.py [section.key=value ...]\n")
+    config = f"CONFIG={bundle_config(cfg)!r}\n"
+    packed = 'PACKED=b"' + pack_modules(sources, compressor).decode("ascii") + '"\n'
+    loader = LOADER.format(compressor=compressor, bundle=BUNDLE_NAME, entry=ENTRY_MODULE)
+    return (header + config + packed + loader).encode("utf-8")
 
 
-def describe_code(bundle: bytes, where: str) -> str:
-    """How code bytes were counted; submit reads the sha256 back to check the code is unchanged."""
-    return f"{where}; sha256:{hashlib.sha256(bundle).hexdigest()[:16]}"
+def code_bytes_for(cfg: Config | Mapping[str, Any], compressor: str | None = None) -> tuple[int, str]:
+    """(counted code bytes, description) for a run of cfg: the length of the train_gpt.py
+    `pgolf submit` writes for it. (Inside a running bundle, pgolf.compress.accounting counts the
+    running file instead; this module is not shipped.)"""
+    compressor = compressor or default_compressor()
+    sources = bundle_modules(cfg)
+    data = build_bundle(cfg, sources, compressor)
+    return len(data), describe_code(data, f"the length of {BUNDLE_NAME} as `pgolf submit` writes it: {len(sources)} "
+                                          f"pgolf modules minified, {compressor} + base85 packed, and the config")
 
 
-def code_bytes_for(cfg: Config | Mapping[str, Any]) -> tuple[int, str]:
-    """(counted code bytes, description) for a run of cfg: the length of its train_gpt.py.
-
-    Inside a running bundle that is the bundle file itself; otherwise the file `pgolf submit`
-    would write for cfg."""
-    import pgolf
-
-    running = getattr(pgolf, "__bundle_file__", None)
-    if running:
-        data = Path(running).read_bytes()
-        return len(data), describe_code(data, f"the length of this file, {Path(running).name}")
-    sources = bundle_modules()
-    data = build_bundle(cfg, sources)
-    return len(data), describe_code(data, f"the length of {BUNDLE_NAME} as `pgolf submit` writes it: "
-                                          f"{len(sources)} pgolf modules lzma + base85 packed, and the config")
-
-
-# --- running inside the bundle ---------------------------------------------------------------
-def bundled_module_check() -> str:
-    """Name any pgolf module that was not served by the bundle's importer (it must not happen)."""
-    import pgolf
-
-    bundle_loader = pgolf.__spec__.loader
-    foreign = sorted(name for name, module in list(sys.modules.items())
-                     if (name == "pgolf" or name.startswith("pgolf.")) and module is not None
-                     and getattr(module.__spec__, "loader", None) is not bundle_loader)
-    if foreign:
-        raise ImportError(f"pgolf modules loaded from outside the bundle: {', '.join(foreign)}")
-    n = sum(1 for name in sys.modules if name == "pgolf" or name.startswith("pgolf."))
-    return f"bundle: all {n} pgolf modules used were loaded from {pgolf.__bundle_file__}"
-
-
-def run_bundled(config_diff: Mapping[str, Any], argv: list[str]) -> int:
-    """The bundle's main: resolve config as `pgolf train` does, train, export, score."""
-    is_main = os.environ.get("RANK", "0") == "0"
-    try:
-        cfg = config_from_dict(config_diff)
-        applied = apply_env(cfg, os.environ)
-        apply_overrides(cfg, argv)
-        validate(cfg)
-    except ConfigError as exc:
-        if is_main:
-            print(f"{BUNDLE_NAME}: error: {exc}", file=sys.stderr)
-        return 2
-    from pgolf.train.run import run_training
-
-    summary = run_training(cfg, preset=BUNDLE_NAME, env_applied=applied)
-    check = bundled_module_check()
-    if is_main:
-        print(check)
-    return BUNDLE_EXIT_CODES.get(summary.get("status"), 1)
+def compressor_of(code_description: str) -> str | None:
+    """The compressor a counted description names (so submit ships the file that was counted)."""
+    return next((c for c in COMPRESSORS if f"{c} + base85" in code_description), None)

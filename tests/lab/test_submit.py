@@ -180,7 +180,7 @@ def test_refused_when_a_seed_exceeds_the_cap(runs, monkeypatch, capsys):
 def test_refused_when_the_code_changed_since_the_runs(runs, monkeypatch, capsys):
     changed = {**submit_module.bundle_modules()}
     changed["pgolf.model.gpt"] += "\n# an edit made after the runs\n"
-    monkeypatch.setattr(submit_module, "bundle_modules", lambda: changed)
+    monkeypatch.setattr(submit_module, "bundle_modules", lambda cfg=None: changed)
     assert run_submit(runs) == 1
     err = capsys.readouterr().err
     assert "run g-s1: it counted" in err and "the code that ran differs" in err

@@ -10,10 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import pgolf
+import pgolf.train.bundle as bundle_module
+import pgolf.train.entry as entry_module
 from pgolf.compress.accounting import code_bytes_of_package
-from pgolf.train.bundle import (_module_path, BUNDLE_EXIT_CODES, MODULE_SEPARATOR, bundle_config, bundle_modules, build_bundle,
-                          run_bundled)
+from pgolf.train.bundle import (_module_path, MODULE_SEPARATOR, OPTIONAL_MODULES, bundle_config, bundle_modules,
+                                build_bundle, compressor_of, unclassified_lazy_imports)
+from pgolf.train.entry import BUNDLE_EXIT_CODES, run_bundled
+from pgolf.train.minify import minify_source
 from pgolf.cli import STATUS_EXIT_CODES
 from pgolf.config import Config
 from pgolf.runs import read_json, read_metrics
@@ -21,12 +27,18 @@ from pgolf.train.run import run_training
 from tests.train.test_train import tiny_config
 
 PACKAGE = Path(pgolf.__file__).resolve().parent
+COMPRESSORS = ["lzma"] + (["brotli"] if bundle_module.default_compressor() == "brotli" else [])
 
 
 def packed_sources(bundle: bytes) -> dict[str, str]:
-    blob = re.search(rb'^PACKED = b"([^"]*)"$', bundle, re.MULTILINE)[1]
-    parts = lzma.decompress(base64.b85decode(blob)).decode().split(MODULE_SEPARATOR)
+    blob = re.search(rb'^PACKED=b"([^"]*)"$', bundle, re.MULTILINE)[1]
+    compressor = re.search(rb"^try:import (\w+) as z$", bundle, re.MULTILINE)[1].decode()
+    parts = __import__(compressor).decompress(base64.b85decode(blob)).decode().split(MODULE_SEPARATOR)
     return dict(zip(parts[::2], parts[1::2]))
+
+
+def minified(sources: dict[str, str]) -> dict[str, str]:
+    return {name: minify_source(text, str(_module_path(name).relative_to(PACKAGE.parent))) for name, text in sources.items()}
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -37,15 +49,62 @@ def sha(code_description: str) -> str:
     return re.search(r"sha256:(\w+)", code_description)[1]
 
 
-def test_bundle_holds_the_import_closure_of_training(tmp_path):
-    sources = packed_sources(build_bundle(tiny_config(tmp_path)))
-    assert sources == bundle_modules()
-    for name in ("pgolf", "pgolf.train.run", "pgolf.model.gpt", "pgolf.train.export", "pgolf.compress.quant", "pgolf.data.synthetic",
-                 "pgolf.data.tokenizer", "pgolf.train.bundle"):
-        assert sources[name] == _module_path(name).read_text(), name
-    # Tools that training never imports stay out: they are not counted.
-    for name in ("pgolf.cli", "pgolf.lab.submit", "pgolf.data.fineweb", "pgolf.eval.run"):
-        assert name not in sources
+def test_bundle_holds_the_minified_closure_of_training(tmp_path):
+    cfg = tiny_config(tmp_path)
+    sources = packed_sources(build_bundle(cfg))
+    assert sources == minified(bundle_modules(cfg))
+    for name in ("pgolf", "pgolf.train.run", "pgolf.model.gpt", "pgolf.train.export", "pgolf.compress.quant",
+                 "pgolf.data.synthetic", "pgolf.data.tokenizer", "pgolf.train.entry"):
+        assert name in sources, name
+    # Minified: no docstrings or comments, names kept.
+    run = sources["pgolf.train.run"]
+    assert '"""' not in run and "\n#" not in run and "def run_training(" in run
+    assert len(run) < 0.8 * len(_module_path("pgolf.train.run").read_text())
+    # Tools that training never imports stay out: they are not counted. Nor is the bundler.
+    for name in ("pgolf.cli", "pgolf.lab.submit", "pgolf.lab.ledger", "pgolf.data.fineweb", "pgolf.eval.run",
+                 "pgolf.train.bundle", "pgolf.train.minify"):
+        assert name not in sources, name
+
+
+def test_optional_modules_follow_the_config(tmp_path):
+    baseline = bundle_modules(Config())
+    for name in ("pgolf.data.synthetic", "pgolf.compress.gptq", "pgolf.compress.allocate", "pgolf.train.bundle"):
+        assert name not in baseline, name
+    assert "pgolf.data.synthetic" in bundle_modules(tiny_config(tmp_path))
+    gptq = bundle_modules(tiny_config(tmp_path, "export.gptq=true"))
+    assert "pgolf.compress.gptq" in gptq and "pgolf.compress.allocate" not in gptq
+    allocate = bundle_modules(tiny_config(tmp_path, "export.allocate=true"))
+    assert {"pgolf.compress.gptq", "pgolf.compress.allocate"} <= set(allocate)
+    assert bundle_modules(Config().to_dict()) == baseline == bundle_modules()
+
+
+def test_every_lazy_pgolf_import_is_classified():
+    """A pgolf import inside a function names a module that only some configs need: it must be in
+    entry.OPTIONAL_MODULES, or imported at module level wherever its importer is bundled;
+    otherwise a bundle could lack it. (bundle_modules ships such a module always meanwhile.)"""
+    assert unclassified_lazy_imports() == []
+
+
+def test_an_unclassified_lazy_import_is_named_and_still_bundled(monkeypatch):
+    real_read = bundle_module._read
+
+    def read_with_a_new_lazy_import(name):
+        read = real_read(name)
+        if name == "pgolf.train.lr":
+            return read[0], read[1], read[2] | {"pgolf.lab.ledger"}
+        return read
+
+    monkeypatch.setattr(bundle_module, "_read", read_with_a_new_lazy_import)
+    assert unclassified_lazy_imports() == ["pgolf.train.lr imports pgolf.lab.ledger inside a function"]
+    assert "pgolf.lab.ledger" in bundle_modules(Config())
+
+
+def test_imports_are_classified_by_where_they_run():
+    source = ("import pgolf.a\nclass C:\n    from pgolf import b\ntry:\n    from .c import x\nexcept ImportError:\n"
+              "    pass\ndef f():\n    from pgolf.d import y\n    g = lambda: __import__('os')\n")
+    top, lazy = bundle_module._pgolf_imports(source, "pgolf.pkg.mod")
+    assert {"pgolf.a", "pgolf", "pgolf.b", "pgolf.pkg.c", "pgolf.pkg.c.x"} == set(top)
+    assert {"pgolf.d", "pgolf.d.y"} == set(lazy)
 
 
 def test_pgolf_sources_import_statically():
@@ -61,6 +120,26 @@ def test_bundle_is_deterministic_and_the_same_file_for_every_seed(tmp_path):
     assert one == again == other_seed
     changed = build_bundle(tiny_config(tmp_path, "model.mlp_mult=3"))
     assert changed != one and "'mlp_mult': 3" in changed.decode()
+    bundle_module.minify_source.cache_clear()
+    bundle_module._pack_text.cache_clear()
+    assert build_bundle(tiny_config(tmp_path, "train.seed=1")) == one  # minify and pack afresh: same bytes
+
+
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+def test_tracebacks_name_the_original_module(tmp_path, compressor):
+    """The importer compiles each module under its package path inside the bundle and serves its
+    (minified) source, so a traceback names pgolf/train/lr.py and shows the failing line."""
+    bundle = tmp_path / "train_gpt.py"
+    bundle.write_bytes(build_bundle(Config(), compressor=compressor))
+    assert f"{compressor}-packed" in bundle.read_text().splitlines()[0]
+    code = ("import runpy; runpy.run_path('train_gpt.py', run_name='bundle'); import pgolf.train.lr as lr; "
+            "print(lr.__file__); lr.lr_scale(0, 0.0, None)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"})
+    module_file = str(bundle / "pgolf" / "train" / "lr.py")
+    assert proc.stdout.strip() == module_file
+    assert f'File "{module_file}", line' in proc.stderr and "in lr_scale" in proc.stderr, proc.stderr
+    assert "AttributeError" in proc.stderr and "max_wallclock_seconds" in proc.stderr  # the source line shown
 
 
 def test_counted_code_bytes_are_the_bundle_length(tmp_path):
@@ -81,6 +160,20 @@ def test_embedded_config_is_the_recipe_without_the_run_identity(tmp_path):
 
 def test_bundle_exit_codes_are_pgolf_trains():
     assert BUNDLE_EXIT_CODES == STATUS_EXIT_CODES
+
+
+def test_bundled_main_refuses_a_config_its_modules_cannot_run(tmp_path, monkeypatch, capsys):
+    """A bundle packed without GPTQ, run with export.gptq=true, stops before training."""
+    real_find_spec = entry_module.importlib.util.find_spec
+    monkeypatch.setattr(entry_module.importlib.util, "find_spec",
+                        lambda name: None if name == "pgolf.compress.gptq" else real_find_spec(name))
+    assert run_bundled(bundle_config(tiny_config(tmp_path)), ["export.gptq=true"]) == 2
+    assert "does not need pgolf.compress.gptq" in capsys.readouterr().err
+
+
+def test_submit_ships_the_compressor_that_was_counted():
+    assert compressor_of(bundle_module.code_bytes_for(Config(), "lzma")[1]) == "lzma"
+    assert compressor_of("the length of this file, train_gpt.py; sha256:0123456789abcdef") is None
 
 
 def test_bundled_main_refuses_a_bad_override(tmp_path, monkeypatch, capsys):
