@@ -1,221 +1,23 @@
-"""The training loop: data -> model -> Muon/Adam steps under a wall-clock cap -> export -> roundtrip.
-
-One code path for every device: CUDA runs bf16 autocast and torch.compile, CPU runs fp32
-eager; under torchrun each of N ranks takes 8 // N micro-batches per step, so a step sees
-the same tokens whatever N is.
-"""
+"""One training run from start to finish: create (or resume) the run directory, train, export the
+artifact, score the roundtrip, and write the summary."""
 
 from __future__ import annotations
 
-import copy
-import math
-import random
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
-from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pgolf.compress.accounting import check_size
 from pgolf.compress.container import ArtifactError
-from pgolf.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from pgolf.runtime.compile_check import RecompileWatch
 from pgolf.config import Config, config_from_dict
-from pgolf.data.shards import (DistributedTokenLoader, check_token_range, load_validation_tokens, read_shard_header,
-                        resolve_shards)
-from pgolf.runtime.distributed import DistInfo, setup_distributed, teardown_distributed
-from pgolf.eval.windows import EvalResult, autocast_for, evaluate_bpb
-from pgolf.train.export import export_and_roundtrip, size_to_dict
-from pgolf.train.losses import ChunkedLossModel, use_fused_loss
-from pgolf.model.gpt import GPT, build_model, count_parameters, mlp_hidden_size
-from pgolf.train.optim import Optimizers, build_optimizers, muon_momentum_at, orthogonalize, resolve_switch
-from pgolf.train.parallel_muon import ddp_ignore, use_parallel_muon
-from pgolf.train.progress import TrainProgress
-from pgolf.train.qat import disable_qat, enable_qat, qat_suspended
+from pgolf.model.gpt import count_parameters, mlp_hidden_size
 from pgolf.runs import (RunDir, RunError, RunHooks, RunLogger, create_run_dir, find_run_dir, latest_checkpoint,
                         read_json, write_json)
-from pgolf.train.lr import lr_scale
+from pgolf.runtime.distributed import DistInfo, setup_distributed, teardown_distributed
 from pgolf.runtime.sdpa import attention_shape, sdpa_backend
-from pgolf.data.tokenizer import check_vocab, load_tokenizer
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-@dataclass
-class TrainData:
-    train_files: list[Path]
-    val_tokens: Tensor
-    luts: tuple[Tensor, Tensor, Tensor]
-    tokenizer_name: str
-    val_tokens_total: int
-
-
-def prepare_data(cfg: Config, info: DistInfo, logger: RunLogger) -> TrainData:
-    if cfg.data.source == "synthetic":
-        from pgolf.data.synthetic import ensure_synthetic_corpus
-
-        info.main_only(ensure_synthetic_corpus, cfg.data, log=logger.log)
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-    check_vocab(tokenizer, cfg.model.vocab_size)
-    train_files = resolve_shards(cfg.train_files())
-    for path in train_files:  # a corrupt shard fails now, not minutes into the run
-        read_shard_header(path)
-    seq_len = cfg.train.train_seq_len
-    val_tokens = load_validation_tokens(cfg.val_files(), seq_len)
-    check_token_range(val_tokens, cfg.model.vocab_size, f"validation shards {cfg.val_files()}")
-    total = val_tokens.numel() - 1
-    if cfg.train.val_max_tokens and cfg.train.val_max_tokens < total:
-        usable = max(cfg.train.val_max_tokens // seq_len, 1) * seq_len
-        val_tokens = val_tokens[: usable + 1]
-    luts = tokenizer.byte_luts(cfg.model.vocab_size).to_torch(info.device)
-    logger.log(f"data: {len(train_files)} train shards from {cfg.train_files()}; tokenizer {tokenizer.name}")
-    logger.log(f"val: {val_tokens.numel() - 1:,} of {total:,} tokens scored from {cfg.val_files()}")
-    return TrainData(train_files, val_tokens, luts, tokenizer.name, total)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def use_compile(cfg: Config, device: torch.device) -> bool:
-    return cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-
-
-def configure_backends(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-class Trainer:
-    """Owns the model, optimizers and data stream of one run and steps them."""
-
-    def __init__(self, cfg: Config, info: DistInfo, data: TrainData, logger: RunLogger):
-        self.cfg, self.info, self.data, self.logger = cfg, info, data, logger
-        seed_everything(cfg.train.seed)
-        self.base_model: GPT = build_model(cfg.model, info.device)
-        self.compiled = compiled = use_compile(cfg, info.device)
-        self.fused_loss = use_fused_loss(cfg.train.fused_loss, info.device)
-        # What training and validation call: the model, its loss chunked (pgolf.train.losses), compiled.
-        loss_model = ChunkedLossModel(self.base_model) if self.fused_loss else self.base_model
-        if compiled:
-            self.fast_model = torch.compile(loss_model, dynamic=False, fullgraph=True)
-        else:
-            self.fast_model = loss_model
-        parallel_muon = use_parallel_muon(cfg.optim.parallel_muon, info.device, info.world_size,
-                                          cfg.train.grad_clip_norm)
-        self.optimizers: Optimizers = build_optimizers(self.base_model, cfg.optim, info.device, parallel_muon)
-        if parallel_muon:  # Parallel Muon reduce-scatters the matrices' gradients itself, not DDP
-            ddp_ignore(self.fast_model, self.optimizers.muon.param_groups[0]["params"])
-        self.model = (
-            DDP(self.fast_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                broadcast_buffers=False)
-            if info.distributed else self.fast_model
-        )
-        if compiled:
-            self.optimizers.muon.orthogonalize = torch.compile(orthogonalize)
-        self.loader = DistributedTokenLoader(data.train_files, info.rank, info.world_size, info.device,
-                                             vocab_size=cfg.model.vocab_size,
-                                             prefetch=resolve_switch(cfg.data.prefetch, info.device.type == "cuda"))
-        self.step = 0
-        self.training_time_ms = 0.0
-
-    # --- state -----------------------------------------------------------------------------
-    def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.step, self.training_time_ms, self.base_model.state_dict(),
-                          self.optimizers.state_dict(), self.loader.state_dict(), self.info.world_size)
-
-    def restore(self, ckpt: Checkpoint) -> None:
-        self.base_model.load_state_dict(ckpt.model, strict=True)
-        self.optimizers.load_state_dict(ckpt.optimizers)
-        self.loader.load_state_dict(ckpt.loader)
-        self.step, self.training_time_ms = ckpt.step, ckpt.training_time_ms
-
-    # --- steps -----------------------------------------------------------------------------
-    def train_step(self, scale: float) -> Tensor:
-        """One optimizer step over 8 // world_size micro-batches; returns the mean loss."""
-        cfg, accum = self.cfg.train, self.info.grad_accum_steps
-        self.optimizers.zero_grad()
-        total = torch.zeros((), device=self.info.device)
-        for micro in range(accum):
-            if self.info.distributed:
-                self.model.require_backward_grad_sync = micro == accum - 1
-                self.optimizers.arm_backward_sync(micro == accum - 1)
-            x, y = self.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum)
-            with autocast_for(self.info.device):
-                loss = self.model(x, y)
-            total += loss.detach()
-            (loss / accum).backward()
-        self.optimizers.set_muon_momentum(muon_momentum_at(self.step, self.cfg.optim))
-        self.optimizers.set_lr_scale(scale)
-        if cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.base_model.parameters(), cfg.grad_clip_norm)
-        self.optimizers.step()
-        self.optimizers.zero_grad()
-        return total / accum
-
-    def warmup(self, steps: int) -> None:
-        """Prime compilation and allocator with real steps, then restore the exact prior state."""
-        if steps <= 0:
-            return
-        saved = copy.deepcopy(self.checkpoint())  # clones every tensor of the state dicts
-        for i in range(steps):
-            self.train_step(1.0)
-            if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
-                self.logger.log(f"warmup_step:{i + 1}/{steps}")
-        self.restore(saved)
-        self.optimizers.zero_grad()
-
-    def validate(self, stride: int | None = None) -> EvalResult:
-        """Score the weights themselves: quantization-aware-training hooks are off meanwhile.
-        stride None is the standard evaluation; smaller slides the windows."""
-        with qat_suspended(self.base_model):
-            return self._validate(stride)
-
-    def _validate(self, stride: int | None = None) -> EvalResult:
-        return evaluate_bpb(self.fast_model, self.data.val_tokens, self.data.luts, self.cfg.train.train_seq_len,
-                            self.cfg.train.val_batch_size // (self.info.world_size * self.info.grad_accum_steps),
-                            self.info.device, self.info.rank, self.info.world_size, stride=stride)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class TrainClock:
-    """Training wall time: runs during steps, paused for validation and checkpoints.
-
-    Readings are taken after the device finished its queued work and maximised over ranks,
-    so every rank derives the same learning-rate scale and stop decision from the same time."""
-
-    def __init__(self, info: DistInfo, start_ms: float):
-        self.info = info
-        self.base_ms = start_ms
-        self.t0: float | None = None
-
-    def start(self) -> None:
-        _sync(self.info.device)
-        self.t0 = time.perf_counter()
-
-    def local_ms(self) -> float:
-        _sync(self.info.device)
-        return self.base_ms + (1000.0 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
-
-    def pause(self) -> float:
-        self.base_ms = self.info.max_all([self.local_ms()])[0]
-        self.t0 = None
-        return self.base_ms
+from pgolf.train.checkpoint import load_checkpoint
+from pgolf.train.export import export_and_roundtrip, size_to_dict
+from pgolf.train.qat import disable_qat
+from pgolf.train.trainer import Trainer, configure_backends, prepare_data, run_loop, save_good_checkpoint
 
 
 def load_resumable_config(run_dir: Path) -> Config:
@@ -325,7 +127,7 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
         logger.log(f"resumed from {path.name} at step {trainer.step} ({trainer.training_time_ms:.0f} ms trained)")
         logger.event("resume", step=trainer.step, checkpoint=path.name)
 
-    status, stop_reason = _loop(trainer, cfg, info, logger, ckpt_dir, interrupt_at_step)
+    status, stop_reason = run_loop(trainer, cfg, info, logger, ckpt_dir, interrupt_at_step)
     trainer.loader.close()  # training consumed its last batch: stop the prefetch thread
     summary = {"status": status, "run_id": run_dir.name, "steps": trainer.step,
                "train_time_ms": round(trainer.training_time_ms, 1), "stop_reason": stop_reason}
@@ -335,7 +137,7 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
         return summary
 
     disable_qat(trainer.base_model)  # the export quantizes for real from here on
-    _save_checkpoint(trainer, ckpt_dir, logger)
+    save_good_checkpoint(trainer, ckpt_dir, logger)
     pre = trainer.validate()
     logger.log(f"final pre-quant val_loss:{pre.val_loss:.4f} val_bpb:{pre.val_bpb:.4f}")
     result = export_and_roundtrip(trainer, cfg, run_dir, logger)
@@ -352,99 +154,6 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
         write_json(summary_path, summary)
     _print_final(logger, summary, trainer, cfg, result)
     return summary
-
-
-def _save_checkpoint(trainer: Trainer, ckpt_dir: Path, logger: RunLogger) -> None:
-    """Save only finite weights, so the latest checkpoint is always a good one."""
-    finite = torch.stack([torch.isfinite(p).all() for p in trainer.base_model.parameters()]).all()
-    if not trainer.info.max_all([float(not bool(finite))])[0] == 0.0:
-        raise TrainingDiverged(_divergence_message(trainer.step, "the weights became non-finite", ckpt_dir))
-    path = save_checkpoint(ckpt_dir, trainer.checkpoint(), trainer.info.rank, trainer.info.barrier)
-    trainer.info.barrier()  # every rank continues only once the checkpoint is complete
-    logger.event("checkpoint", step=trainer.step, path=path.name)
-
-
-def _loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt_dir: Path,
-          interrupt_at_step: int | None) -> tuple[str, str]:
-    tcfg = cfg.train
-    # Time reserved for GPTQ comes off the training budget when it is charged to it.
-    cap_ms = 1000.0 * (tcfg.max_wallclock_seconds - cfg.export.gptq_reserve_seconds) \
-        if tcfg.max_wallclock_seconds > 0 else None
-    progress = TrainProgress(tcfg.iterations, enabled=info.is_main and logger.console, logger=logger)
-    clock = TrainClock(info, trainer.training_time_ms)
-    recompiles = RecompileWatch(enabled=trainer.compiled)
-    now_ms = trainer.training_time_ms
-    qat_pending = cfg.qat.enabled
-    try:
-        with progress:
-            clock.start()
-            while True:
-                if trainer.step >= tcfg.iterations:
-                    stop_reason = "iterations"
-                    break
-                if cap_ms is not None and now_ms >= cap_ms:
-                    stop_reason = "wallclock_cap"
-                    break
-                if tcfg.val_loss_every > 0 and trainer.step % tcfg.val_loss_every == 0:
-                    trainer.training_time_ms = now_ms = clock.pause()
-                    res = trainer.validate()
-                    logger.log(f"step:{trainer.step}/{tcfg.iterations} val_loss:{res.val_loss:.4f} "
-                               f"val_bpb:{res.val_bpb:.4f} train_time:{now_ms:.0f}ms")
-                    logger.event("val", step=trainer.step, train_time_ms=now_ms, **res.to_dict())
-                    clock.start()
-                if qat_pending and _progress(trainer.step, now_ms, cfg) >= cfg.qat.start_frac:
-                    n = enable_qat(trainer.base_model, cfg.qat.bits, cfg.qat.mode, cfg.qat.pattern)
-                    qat_pending = False
-                    logger.log(f"qat: {cfg.qat.mode} int{cfg.qat.bits} on {n} linear layers from step {trainer.step}")
-                    logger.event("qat", step=trainer.step, layers=n, bits=cfg.qat.bits, mode=cfg.qat.mode)
-                scale = lr_scale(trainer.step, now_ms, tcfg)
-                recompiles.before_step()
-                loss_value = trainer.train_step(scale).item()
-                if new_graphs := recompiles.after_step():
-                    logger.log(f"recompile: step {trainer.step + 1} compiled {new_graphs} new graph(s) after warmup "
-                               f"(a shape or guard changed; the step stalled while compiling)")
-                    logger.event("recompile", step=trainer.step + 1, graphs=new_graphs)
-                trainer.step += 1
-                # One collective per step: the shared clock reading and any rank's divergence.
-                now_ms, diverged = info.max_all([clock.local_ms(), float(not math.isfinite(loss_value))])
-                trainer.training_time_ms = now_ms
-                if diverged:
-                    raise TrainingDiverged(_divergence_message(trainer.step, f"loss became {loss_value}", ckpt_dir))
-                progress.update(trainer.step, loss_value, now_ms)
-                if tcfg.train_log_every > 0 and (trainer.step <= 10 or trainer.step % tcfg.train_log_every == 0):
-                    logger.log(f"step:{trainer.step}/{tcfg.iterations} train_loss:{loss_value:.4f} "
-                               f"train_time:{now_ms:.0f}ms step_avg:{now_ms / trainer.step:.2f}ms", console=False)
-                    logger.event("train", step=trainer.step, train_loss=loss_value, train_time_ms=now_ms,
-                                 lr_scale=scale)
-                if tcfg.checkpoint_every > 0 and trainer.step % tcfg.checkpoint_every == 0:
-                    trainer.training_time_ms = now_ms = clock.pause()
-                    _save_checkpoint(trainer, ckpt_dir, logger)
-                    clock.start()
-                if interrupt_at_step is not None and trainer.step >= interrupt_at_step:
-                    return "interrupted", "interrupt_at_step"
-    except TrainingDiverged as exc:
-        logger.error(str(exc))
-        return "failed", "non_finite_loss"
-    trainer.training_time_ms = clock.pause()
-    if stop_reason == "wallclock_cap":
-        logger.log(f"stopping_early: wallclock_cap train_time:{trainer.training_time_ms:.0f}ms "
-                   f"step:{trainer.step}/{tcfg.iterations}")
-    return "trained", stop_reason
-
-
-def _progress(step: int, elapsed_ms: float, cfg: Config) -> float:
-    """Fraction of training done: of the wall-clock budget when capped, else of the iterations."""
-    if cfg.train.max_wallclock_seconds > 0:
-        return elapsed_ms / (1000.0 * cfg.train.max_wallclock_seconds)
-    return step / max(cfg.train.iterations, 1)
-
-
-def _divergence_message(step: int, what: str, ckpt_dir: Path) -> str:
-    last = latest_checkpoint(ckpt_dir)
-    fix = "lower the learning rates or set train.grad_clip_norm and start a new run"
-    where = (f"the last good checkpoint {last} is kept (its weights are finite); {fix}" if last
-             else f"no checkpoint had been written (train.checkpoint_every=0); {fix}")
-    return f"training stopped: {what} at step {step}; {where}"
 
 
 def _print_final(logger: RunLogger, summary: dict, trainer: Trainer, cfg: Config, result) -> None:
