@@ -30,7 +30,8 @@ from torch import nn
 
 from pgolf.compress.accounting import SIZE_CAP_BYTES, code_bytes_of_package
 from pgolf.config import Config, ConfigError, config_from_dict
-from pgolf.model.gpt import GPT, is_control_param
+from pgolf.model import roles
+from pgolf.model.gpt import GPT
 from pgolf.lab.plan_weights import DEFAULT_LAWS, DriftLaw, draw_trained_state, laws_from_run
 from pgolf.runs import read_json
 
@@ -50,24 +51,11 @@ def build_initial_model(cfg: Config) -> GPT:
 
 # ----------------------------------------------------------------------------- parameters
 
-def component_of(model: nn.Module, name: str, param: torch.Tensor) -> str:
+def component_of(model: nn.Module, name: str, param: torch.Tensor | None = None) -> str:
     """embedding (embedding tables and an untied output head), attention, mlp, control (the
-    fp32 scalars pgolf.model.gpt.is_control_param names) or other, from the modules owning it."""
-    if is_control_param(name, param):
-        return "control"
-    module_names = name.split(".")[:-1]
-    chain, module = [], model
-    for part in module_names:
-        module = getattr(module, part)
-        chain.append(module)
-    if any(isinstance(m, nn.Embedding) for m in chain) or (chain and chain[0] is getattr(model, "lm_head", None)):
-        return "embedding"
-    kinds = [type(m).__name__.lower() for m in chain]
-    if any("attention" in k for k in kinds):
-        return "attention"
-    if any("mlp" in k for k in kinds):
-        return "mlp"
-    return "other"
+    fp32 scalars) or other: the parameter's role's planner component (pgolf.model.roles), for
+    matrices the slot owning them."""
+    return roles.component_of(model, name)
 
 
 def count_parameters_by_component(model: nn.Module) -> dict[str, int]:

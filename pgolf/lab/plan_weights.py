@@ -37,7 +37,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pgolf.config import Config
+from pgolf.config import Config, config_from_dict
+from pgolf.model.gpt import GPT
+from pgolf.model.roles import ROLE_TABLE, role_of
+from pgolf.runs import find_run_dir, latest_checkpoint, read_json
+from pgolf.train.lr import lr_scale
+from pgolf.train.optim import build_optimizers
 
 SEED = 0  # the draw is deterministic: the same config plans to the same bytes
 
@@ -69,6 +74,10 @@ DEFAULT_LAWS: dict[str, DriftLaw] = {
 }
 
 
+# How each optimizer moves what it trains: the DriftLaw kind of its parameters.
+DRIFT_KIND = {"muon": "muon", "adam_token": "adam", "adam_head": "adam", "adam_scalar": "control"}
+
+
 @dataclass(frozen=True)
 class TensorRole:
     """How training moves one parameter: its optimizer kind, update RMS u and decay rate."""
@@ -82,9 +91,6 @@ class TensorRole:
 def tensor_roles(model: nn.Module, cfg: Config) -> dict[str, TensorRole]:
     """Every trained parameter's optimizer kind and one-step update RMS, from the optimizer
     groups training itself builds (so new parameter kinds are planned as they are trained)."""
-    from pgolf.model.gpt import is_control_param
-    from pgolf.train.optim import build_optimizers
-
     opts = build_optimizers(model, cfg.optim, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     roles: dict[str, TensorRole] = {}
@@ -93,7 +99,7 @@ def tensor_roles(model: nn.Module, cfg: Config) -> dict[str, TensorRole]:
             lr, wd = float(group["base_lr"]), float(group.get("weight_decay", 0.0) or 0.0)
             for p in group["params"]:
                 name = names[id(p)]
-                kind = "muon" if opt is opts.muon else "control" if is_control_param(name, p) else "adam"
+                kind = DRIFT_KIND[ROLE_TABLE[role_of(model, name)].optimizer]
                 roles[name] = TensorRole(kind, _update_rms(kind, p, lr), lr, wd)
     return roles
 
@@ -109,8 +115,6 @@ def effective_steps(cfg: Config, steps: int, decay_rate: float = 0.0) -> tuple[f
     """(S, decay): the lr-weighted step count of `steps` training steps under the configured
     schedule, each earlier step shrunk by (1 - lr_t * decay_rate) per later step, and the
     factor the initial values were shrunk by. Wall-clock schedules assume even step times."""
-    from pgolf.train.lr import lr_scale
-
     t = cfg.train
     step_ms = 1000.0 * t.max_wallclock_seconds / max(steps, 1) if t.max_wallclock_seconds > 0 else 0.0
     s_eff, decay = 0.0, 1.0
@@ -188,11 +192,6 @@ def laws_from_run(run_dir: str | Path) -> tuple[dict[str, DriftLaw], dict]:
     (rebuilt from its saved config and seed), per optimizer kind; the power is kept from
     DEFAULT_LAWS (one run shows one step count), the scale and kurtosis are the run's.
     Returns the laws and what they were measured on."""
-    from pgolf.train.checkpoint import latest_checkpoint
-    from pgolf.config import config_from_dict
-    from pgolf.model.gpt import GPT
-    from pgolf.runs import find_run_dir, read_json
-
     run = find_run_dir(str(run_dir))
     cfg = config_from_dict(read_json(run / "config.json")["config"])
     ckpt_path = latest_checkpoint(run / "checkpoints")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -18,7 +18,14 @@ class ModelConfig:
     logit_softcap: float = 30.0
     rope_base: float = 10000.0
     qk_gain_init: float = 1.5
-    # MLP variant (pgolf.model.gpt.MLP_VARIANTS): relu2 (official) | leaky_relu2 | swiglu | gelu | silu
+    # The model's slots (pgolf.model.registry); the defaults are the official baseline.
+    attention: str = "gqa"  # attention module
+    position: str = "rope"  # position encoding inside attention
+    embed: list = field(default_factory=list)  # embedding add-ons, applied in order before the first norm
+    stream: list = field(default_factory=list)  # stream add-ons: per-forward inputs handed to attention
+    # Block layout: unet | recurrence | middle_cycle; auto: from model.recurrence and model.cycle_*
+    layout: str = "auto"
+    # MLP variant (pgolf.model.mlp.MLP_VARIANTS): relu2 (official) | leaky_relu2 | swiglu | gelu | silu
     mlp: str = "relu2"
     mlp_slope: float = 0.5  # leaky_relu2's negative slope
     # Hidden width; 0: mlp_mult x model_dim, or for swiglu 8/3 x model_dim rounded up to 64

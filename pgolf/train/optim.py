@@ -9,7 +9,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pgolf.train.config import OptimConfig
-from pgolf.model.gpt import GPT, is_control_param
+from pgolf.model.gpt import GPT
+from pgolf.model.roles import ROLE_TABLE, Role, lr_key, param_roles
 
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon): they push all singular values
 # of the normalised update towards ~1 in a handful of iterations.
@@ -138,8 +139,8 @@ class Optimizers:
     adam_head: torch.optim.Adam | None = None
 
     def all(self) -> list[torch.optim.Optimizer]:
-        opts = [self.adam_token, self.muon, self.adam_scalar]
-        return opts + ([self.adam_head] if self.adam_head is not None else [])
+        """The optimizers present, in OPTIMIZER_NAMES order (the order of state_dict())."""
+        return [opt for opt in (self.adam_token, self.muon, self.adam_scalar, self.adam_head) if opt is not None]
 
     def zero_grad(self) -> None:
         for opt in self.all():
@@ -172,6 +173,10 @@ class Optimizers:
             opt.load_state_dict(state)
 
 
+# The Optimizers fields, in the order state_dict() lists them (ROLE_TABLE names these).
+OPTIMIZER_NAMES = ("adam_token", "muon", "adam_scalar", "adam_head")
+
+
 def muon_momentum_at(step: int, cfg: OptimConfig) -> float:
     """Linear warmup of Muon's momentum from muon_momentum_warmup_start to muon_momentum."""
     if cfg.muon_momentum_warmup_steps <= 0:
@@ -185,40 +190,73 @@ def resolve_switch(setting: str, default_on: bool) -> bool:
     return setting == "on" or (setting == "auto" and default_on)
 
 
+def ordered_roles(model: GPT) -> dict[str, Role]:
+    """Every parameter's role, the blocks' parameters first: the order the optimizer groups
+    have always had (optimizer state in checkpoints is matched by position)."""
+    roles = param_roles(model)
+    blocks = [name for name in roles if name.startswith("blocks.")]
+    return {name: roles[name] for name in blocks + [name for name in roles if not name.startswith("blocks.")]}
+
+
 def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device, parallel_muon: bool = False) -> Optimizers:
-    """Muon for the block matrices, Adam (AdamW when optim.adam_wd > 0) for the rest.
+    """One optimizer per role's ROLE_TABLE entry: Muon for the matrices, Adam (AdamW when
+    optim.adam_wd > 0) for the embedding, an untied head and the control scalars, each group at
+    its role's learning rate. Raises when a parameter has no role, or is not in exactly one group.
 
     parallel_muon: the matrices get a ParallelMuon, which takes over their gradient
     synchronisation from DDP (see pgolf.train.parallel_muon); only under torch.distributed."""
-    block_params = list(model.blocks.named_parameters())
-    matrices = [p for name, p in block_params if not is_control_param(name, p)]
-    scalars = [p for name, p in block_params if is_control_param(name, p)]
-    if model.skip_weights.numel() > 0:
-        scalars.append(model.skip_weights)
+    tied = model.lm_head is None
+    params = dict(model.named_parameters())
+    # optimizer -> {(lr key, weight decay key): its parameters}, in ordered_roles order
+    plan: dict[str, dict[tuple[str, str], list[Tensor]]] = {}
+    for name, role in ordered_roles(model).items():
+        keys = (lr_key(role, tied), ROLE_TABLE[role].wd_key)
+        plan.setdefault(ROLE_TABLE[role].optimizer, {}).setdefault(keys, []).append(params[name])
+    unknown = set(plan) - set(OPTIMIZER_NAMES)
+    if unknown:
+        raise ValueError(f"ROLE_TABLE names optimizers Optimizers does not have: {', '.join(sorted(unknown))}")
     fused = device.type == "cuda"  # the fused Adam kernel is CUDA-only
 
-    def adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
-        groups = [{"params": params, "lr": lr, "base_lr": lr}]
+    def groups(opt_name: str) -> list[dict]:
+        return [{"params": members, "lr": getattr(cfg, lr), "base_lr": getattr(cfg, lr), "weight_decay": getattr(cfg, wd)}
+                for (lr, wd), members in plan.get(opt_name, {}).items()]
+
+    def adam(opt_name: str) -> torch.optim.Adam | None:
+        if opt_name not in plan:
+            return None
         kwargs = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
         if cfg.adam_wd > 0:  # AdamW's decay is decoupled: p <- p (1 - lr wd)
-            return torch.optim.AdamW(groups, weight_decay=cfg.adam_wd, **kwargs)
-        return torch.optim.Adam(groups, **kwargs)
+            return torch.optim.AdamW(groups(opt_name), weight_decay=cfg.adam_wd, **kwargs)
+        return torch.optim.Adam(groups(opt_name), **kwargs)
 
-    token_lr = cfg.tied_embed_lr if model.lm_head is None else cfg.embed_lr
     muon_kwargs = dict(lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
                        ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                        weight_decay=cfg.muon_wd, batched=resolve_switch(cfg.batched_ns, device.type == "cuda"))
     if parallel_muon:
-        from pgolf.train.parallel_muon import ParallelMuon
+        from pgolf.train.parallel_muon import ParallelMuon  # it imports this module: Muon's step is its base
 
-        muon = ParallelMuon(matrices, **muon_kwargs)
+        muon = ParallelMuon(groups("muon"), **muon_kwargs)
     else:
-        muon = Muon(matrices, **muon_kwargs)
-    for group in muon.param_groups:
-        group["base_lr"] = cfg.matrix_lr
-    return Optimizers(
-        adam_token=adam([model.tok_emb.weight], token_lr),
-        muon=muon,
-        adam_scalar=adam(scalars, cfg.scalar_lr),
-        adam_head=adam([model.lm_head.weight], cfg.head_lr) if model.lm_head is not None else None,
-    )
+        muon = Muon(groups("muon"), **muon_kwargs)
+    opts = Optimizers(adam_token=adam("adam_token"), muon=muon, adam_scalar=adam("adam_scalar"),
+                      adam_head=adam("adam_head"))
+    check_one_group_each(model, opts)
+    return opts
+
+
+def check_one_group_each(model: GPT, opts: Optimizers) -> None:
+    """Every parameter of model is in exactly one optimizer group: none is silently left
+    untrained, none is updated twice. Raises ValueError naming the parameters that are not."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    where: dict[str, list[str]] = {n: [] for n in names.values()}
+    for opt_name in OPTIMIZER_NAMES:
+        opt = getattr(opts, opt_name)
+        for index, group in enumerate(opt.param_groups if opt is not None else []):
+            for p in group["params"]:
+                where.setdefault(names.get(id(p), f"<a tensor of shape {tuple(p.shape)} not in the model>"),
+                                 []).append(f"{opt_name}[{index}]")
+    problems = [f"{n} is in no optimizer group" for n, found in where.items() if not found]
+    problems += [f"{n} is in {len(found)} groups ({', '.join(found)})" for n, found in where.items() if len(found) > 1]
+    problems += [f"{n} is in {found[0]}" for n, found in where.items() if n.startswith("<")]
+    if problems:
+        raise ValueError("optimizer groups must hold every parameter exactly once: " + "; ".join(problems))

@@ -218,7 +218,7 @@ def trained_run(tmp_path_factory, one_cpu_thread):
 
 def _real_artifact_bytes(run_dir: Path, cfg) -> int:
     """The run's final weights exported under cfg's export settings, exactly as training does."""
-    from pgolf.train.checkpoint import latest_checkpoint
+    from pgolf.runs import latest_checkpoint
 
     model = build_initial_model(cfg)
     model.load_state_dict(torch.load(latest_checkpoint(run_dir / "checkpoints"), weights_only=True)["model"])

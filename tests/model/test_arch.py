@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from pgolf.config import ConfigError, ModelConfig, resolve_config
-from pgolf.model.gpt import GPT, MLP, MLP_VARIANTS, block_schedule, gated_hidden_size, mlp_hidden_size
+from pgolf.model.gpt import GPT
+from pgolf.model.layout import block_schedule
+from pgolf.model.mlp import MLP, MLP_VARIANTS, gated_hidden_size, mlp_hidden_size
 from pgolf.eval.receipt import audit_file
 from pgolf.runs import read_metrics
 from pgolf.train.run import run_training
@@ -307,6 +309,10 @@ def test_middle_cycle_tail_takes_stem_outputs_last_first():
     (["model.num_layers=4", "model.cycle_stem=1", "model.cycle_core=2", "model.cycle_tail=1"],
      "model.cycle_repeats >= 1"),
     (["train.eval_stride=2000"], "train.eval_stride must be within 0..train.train_seq_len=1024"),
+    (["model.attention=mha"], "model.attention must be one of gqa, got 'mha'"),
+    (["model.position=alibi"], "model.position must be one of rope, got 'alibi'"),
+    (["model.layout=ring"], "model.layout must be one of unet, recurrence, middle_cycle, auto, got 'ring'"),
+    (["model.layout=unet", "model.recurrence=2"], "model.layout=unet runs every block once"),
 ])
 def test_bad_architecture_switches_are_refused(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -312,9 +312,9 @@ def test_rotary_tables_follow_buffer_dtype_like_official():
     # The official Rotary builds positions with dtype=inv_freq.dtype; the CUDA layout
     # (model.bfloat16(), buffers included) makes that bf16, so positions above 256 round.
     model = tiny().bfloat16()
-    rotary = model.blocks[0].attn.rotary
+    rotary = model.blocks[0].attn.position
     assert rotary.inv_freq.dtype == torch.bfloat16
-    cos, sin = rotary(512, torch.device("cpu"), torch.bfloat16)
+    cos, sin = rotary.tables(512, torch.device("cpu"), torch.bfloat16)
     positions = torch.arange(512, dtype=rotary.inv_freq.dtype)
     assert not torch.equal(positions.float(), torch.arange(512.0))  # bf16 really rounds here
     angles = torch.outer(positions, rotary.inv_freq)

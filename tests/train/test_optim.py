@@ -9,7 +9,8 @@ import torch
 
 from pgolf.config import ModelConfig, OptimConfig
 from pgolf.model.gpt import GPT
-from pgolf.train.optim import Muon, build_optimizers, muon_momentum_at, orthogonalize
+from pgolf.model.roles import UntaggedParameterError
+from pgolf.train.optim import Muon, build_optimizers, check_one_group_each, muon_momentum_at, orthogonalize
 
 CPU = torch.device("cpu")
 TINY = dict(vocab_size=64, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2)
@@ -210,6 +211,43 @@ def test_build_optimizers_groups(tie):
         group = opt.param_groups[0]
         assert group["betas"] == (0.9, 0.95) and group["eps"] == 1e-8
         assert group["weight_decay"] == 0 and not group["fused"]
+
+
+def test_group_order_is_the_order_checkpoints_were_saved_in():
+    """Optimizer state is matched by position: within each group the blocks' parameters come
+    first, in module order, then the model's own (skip_weights), as before roles."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    opts = build_optimizers(model, OptimConfig(), CPU)
+    names = {id(p): n for n, p in model.named_parameters()}
+    block = list(model.blocks.named_parameters(prefix="blocks"))
+    assert [names[i] for i in groups_by_id(opts.muon)] == [n for n, p in block if p.ndim == 2 and "resid_mix" not in n]
+    assert [names[i] for i in groups_by_id(opts.adam_scalar)] == \
+        [n for n, p in block if p.ndim < 2 or "resid_mix" in n] + ["skip_weights"]
+
+
+def test_an_untagged_parameter_is_named_before_any_optimizer_is_built():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    model.blocks[2].attn.bias = torch.nn.Parameter(torch.zeros(32))  # a module forgetting tag()
+    with pytest.raises(UntaggedParameterError, match=r"blocks\.2\.attn\.bias"):
+        build_optimizers(model, OptimConfig(), CPU)
+
+
+def test_every_parameter_in_exactly_one_group_is_checked_by_name():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    opts = build_optimizers(model, OptimConfig(), CPU)
+    check_one_group_each(model, opts)
+    c_q = model.blocks[1].attn.c_q.weight
+    opts.adam_scalar.add_param_group({"params": [c_q], "lr": 0.1, "base_lr": 0.1})
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.c_q\.weight is in 2 groups \(muon\[0\], adam_scalar\[1\]\)"):
+        check_one_group_each(model, opts)
+    opts.adam_scalar.param_groups.pop()
+    muon_params = opts.muon.param_groups[0]["params"]
+    muon_params[:] = [p for p in muon_params if p is not c_q]
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.c_q\.weight is in no optimizer group"):
+        check_one_group_each(model, opts)
 
 
 def test_resid_mix_and_skip_weights_are_not_muon_matrices():

@@ -1,0 +1,162 @@
+"""Parameter roles: one declaration of how every parameter is trained, cast and exported.
+
+Each module declares the role of the parameters it creates, right where it creates them:
+
+    self.q_gain = nn.Parameter(torch.full((heads,), gain))
+    tag(self, Role.CONTROL, "q_gain")
+
+and `param_roles(model)` reads every parameter's role back by its state-dict name, refusing a
+model with any untagged parameter (naming it). ROLE_TABLE below is the only place that says
+what a role means; the optimizer groups (pgolf.train.optim), build_model's CUDA casting, the
+planner and the export read it instead of matching name substrings.
+
+Why the role lives on the owning module and not on the tensor: a tensor attribute is lost
+whenever torch replaces a Parameter object (copy.deepcopy, Module.to_empty, swapped module
+conversions), while a module's own attributes survive all of them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+class Role(enum.Enum):
+    MATRIX = "matrix"  # a 2-D weight multiplying activations (the blocks' linears)
+    EMBEDDING = "embedding"  # a lookup table indexed by token ids (the tied input/output embedding)
+    HEAD = "head"  # an untied output projection to the vocabulary
+    CONTROL = "control"  # a small gain / mix / skip weight, kept in fp32 end to end
+    GATE = "gate"  # a small learned gate of a technique; like CONTROL but exported as fp16
+
+
+@dataclass(frozen=True)
+class RoleTreatment:
+    """What one role means, from training to the artifact."""
+
+    optimizer: str  # the Optimizers field (pgolf.train.optim) that trains it
+    lr_key: str  # the optim.* learning rate
+    wd_key: str  # the optim.* weight decay
+    cuda_dtype: torch.dtype  # the dtype build_model gives it on CUDA (the rest of the body is bf16)
+    export: str  # "scheme": quantized by export.scheme / policy; "fp32" | "fp16": kept as float
+    qat: bool  # may quantization-aware training fake-quantize it
+    component: str | None  # the planner's component; None: the slot owning it (attention, mlp, ...)
+    tied_lr_key: str | None = None  # the learning rate instead, when the embeddings are tied
+
+
+ROLE_TABLE: dict[Role, RoleTreatment] = {
+    # Muon orthogonalises whole matrices; fp32 master weights, cast to the input dtype per use.
+    Role.MATRIX: RoleTreatment("muon", "matrix_lr", "muon_wd", torch.float32, "scheme", True, None),
+    # Sparse rows: Adam. bf16 on CUDA, as the official baseline; tied, it is the head too.
+    Role.EMBEDDING: RoleTreatment("adam_token", "embed_lr", "adam_wd", torch.bfloat16, "scheme", False, "embedding",
+                                  tied_lr_key="tied_embed_lr"),
+    Role.HEAD: RoleTreatment("adam_head", "head_lr", "adam_wd", torch.float32, "scheme", False, "embedding"),
+    # Few numbers with a large effect on the function: full precision everywhere.
+    Role.CONTROL: RoleTreatment("adam_scalar", "scalar_lr", "adam_wd", torch.float32, "fp32", False, "control"),
+    Role.GATE: RoleTreatment("adam_scalar", "scalar_lr", "adam_wd", torch.float32, "fp16", False, "control"),
+}
+
+ROLES_ATTR = "_param_roles"  # {parameter's own name: Role} on the module that owns it
+
+
+class UntaggedParameterError(ValueError):
+    """A parameter no module gave a role: its treatment would be a guess."""
+
+
+def tag(module: nn.Module, role: Role, *names: str) -> None:
+    """Declare that `module`'s own parameters `names` (direct attributes) have `role`."""
+    own = module.__dict__.setdefault(ROLES_ATTR, {})
+    for name in names:
+        if not isinstance(module._parameters.get(name), nn.Parameter):
+            raise ValueError(f"tag: {type(module).__name__} has no parameter '{name}' of its own to give a role")
+        own[name] = role
+
+
+def param_roles(model: nn.Module) -> dict[str, Role]:
+    """{name: role} for every parameter, in model.named_parameters() order and naming (a shared
+    parameter once, under its first name). Raises UntaggedParameterError naming any without one."""
+    roles: dict[str, Role] = {}
+    missing: list[str] = []
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        own = module.__dict__.get(ROLES_ATTR, {})
+        for leaf, param in module._parameters.items():
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = f"{prefix}.{leaf}" if prefix else leaf
+            if leaf in own:
+                roles[name] = own[leaf]
+            else:
+                missing.append(name)
+    if missing:
+        raise UntaggedParameterError(
+            f"parameters without a role: {', '.join(missing)}; the module creating each must call "
+            f"pgolf.model.roles.tag(module, Role.<ROLE>, name) (roles: {', '.join(r.name for r in Role)})")
+    return roles
+
+
+def role_of(model: nn.Module, name: str) -> Role:
+    """The role of one parameter, by its name in `model`."""
+    prefix, _, leaf = name.rpartition(".")
+    module = model.get_submodule(prefix) if prefix else model
+    role = module.__dict__.get(ROLES_ATTR, {}).get(leaf)
+    if role is None:
+        raise UntaggedParameterError(f"parameter '{name}' has no role (see pgolf.model.roles.tag)")
+    return role
+
+
+def treatment_of(model: nn.Module, name: str) -> RoleTreatment:
+    return ROLE_TABLE[role_of(model, name)]
+
+
+def lr_key(role: Role, tied_embeddings: bool) -> str:
+    """The optim.* key of the role's learning rate."""
+    t = ROLE_TABLE[role]
+    return t.tied_lr_key if tied_embeddings and t.tied_lr_key else t.lr_key
+
+
+def component_of(model: nn.Module, name: str) -> str:
+    """The planner component of a parameter: its role's, or for matrices the slot of the
+    innermost registry-built module owning it (pgolf.model.registry sets `component`); 'other'
+    when none does."""
+    fixed = treatment_of(model, name).component
+    if fixed is not None:
+        return fixed
+    found, module = "other", model
+    for part in name.split(".")[:-1]:
+        module = getattr(module, part)
+        found = getattr(module, "component", found)
+    return found
+
+
+# ------------------------------------------------------------------ for the export and QAT
+
+def export_passthrough(model: nn.Module) -> dict[str, str]:
+    """{name: "fp32" | "fp16"}: the parameters the export keeps as floats whatever its scheme
+    (CONTROL as fp32, GATE as fp16); every other parameter follows export.scheme / policy.
+    (The export's small-tensor rule, KEEP_FLOAT_MAX_NUMEL, still applies before this.)"""
+    return {name: ROLE_TABLE[role].export for name, role in param_roles(model).items()
+            if ROLE_TABLE[role].export != "scheme"}
+
+
+def fp32_passthrough_names(model: nn.Module) -> frozenset[str]:
+    """The names the export keeps in fp32: what quant.is_control_tensor's patterns pick today."""
+    return frozenset(n for n, kind in export_passthrough(model).items() if kind == "fp32")
+
+
+def qat_eligible_names(model: nn.Module) -> frozenset[str]:
+    """The parameters quantization-aware training may fake-quantize (qat.pattern narrows them)."""
+    return frozenset(n for n, role in param_roles(model).items() if ROLE_TABLE[role].qat)
+
+
+# ------------------------------------------------------------------ legacy name patterns
+# What decided treatment before roles; pgolf.compress.quant still reads CONTROL_PARAM_PATTERNS
+# until the export takes fp32_passthrough_names. Equal to the roles on every built-in model.
+CONTROL_PARAM_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
+
+
+def is_control_param(name: str, param: Tensor) -> bool:
+    return param.ndim < 2 or any(p in name for p in CONTROL_PARAM_PATTERNS)
