@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pgolf.compress.gptq import dequantize_rows, qmax_for, quantize_rows
+from pgolf.compress.quantizers.rows import dequantize_rows, qmax_for, quantize_rows
 
 __all__ = ["Allocation", "tensor_bytes", "sensitivity_table", "measured_sensitivity", "allocate_bits"]
 

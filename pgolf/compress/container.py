@@ -99,7 +99,8 @@ import numpy as np
 import torch
 
 from pgolf.compress.packing import pack_bits, unpack_bits
-from pgolf.compress.quant import QuantizedTensor, dtype_name, qmax_for
+from pgolf.compress.quantizers.registry import QuantizedTensor, component_label, dtype_name, format_label, get_quantizer
+from pgolf.compress.quantizers.rows import qmax_for
 
 __all__ = [
     "MAGIC", "FORMAT_VERSION", "READ_VERSIONS", "COMPRESSORS", "COMPRESSOR_ORDER",
@@ -244,19 +245,6 @@ class _Segment:
     spec: dict       # dtype, shape, nbytes (+ packed); g and offset are added per layout
 
 
-_SHORT_FLOAT = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
-
-
-def _component(kind: str, bits: int, dtype: str) -> tuple[str, str]:
-    """-> (size-breakdown label, parameter format) of a tensor's stored data."""
-    if kind == "raw":
-        return "raw tensors", "raw"
-    if kind == "float":
-        fmt = _SHORT_FLOAT.get(dtype, dtype)
-        return f"{fmt} passthrough", fmt
-    return f"int{bits} codes", f"int{bits}"
-
-
 def _segments(qdict: dict[str, QuantizedTensor]) -> list[tuple[str, QuantizedTensor, dict]]:
     """Per tensor: its byte strings in both storages (computed once, shared by candidates)."""
     out = []
@@ -266,7 +254,7 @@ def _segments(qdict: dict[str, QuantizedTensor]) -> list[tuple[str, QuantizedTen
         dtype, data = _tensor_bytes(qt.data)
         parts = {"bytes": data, "packed": None, "dtype": dtype,
                  "scale": _tensor_bytes(qt.scale) if qt.scale is not None else None}
-        if qt.kind == "int_per_row":
+        if get_quantizer(qt.kind).packable:
             qmax = qmax_for(qt.bits)
             if qt.data.numel() and not -qmax <= int(qt.data.min()) <= int(qt.data.max()) <= qmax:
                 raise ArtifactError(f"{name!r}: int{qt.bits} codes outside [-{qmax}, {qmax}]")
@@ -283,6 +271,7 @@ def _build_raw(prepared, meta: dict, storage: str, layout: str) -> bytes:
     any_packed = False
     for name, qt, parts in prepared:
         shape = list(qt.data.shape)
+        rank = get_quantizer(qt.kind).rank
         if parts["packed"] is not None and storage == "packed":
             any_packed = True
             data = parts["packed"]
@@ -292,8 +281,8 @@ def _build_raw(prepared, meta: dict, storage: str, layout: str) -> bytes:
             data = parts["bytes"]
             spec = {"dtype": parts["dtype"], "shape": shape, "nbytes": len(data)}
             itemsize = qt.data.element_size()
-            key = (f"int{qt.bits}" if qt.kind.startswith("int") else f"{qt.kind}:{parts['dtype']}")
-        rank = 0 if qt.kind.startswith("int") else (2 if qt.kind == "float" else 3)
+            # integer codes group by their format label ("int6"), other data by kind and dtype
+            key = format_label(qt.kind, qt.bits, parts["dtype"]) if rank == 0 else f"{qt.kind}:{parts['dtype']}"
         segs.append(_Segment(key, rank, itemsize, data, spec))
         entry = {"name": name, "kind": qt.kind, "bits": qt.bits, "orig_dtype": qt.orig_dtype,
                  "data": spec, "scale": None}
@@ -491,7 +480,7 @@ def unpack_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, Qua
                 return _tensor_from(groups[spec["g"]], {**spec, "name": e["name"]})
             scale = load(e["scale"]) if e["scale"] is not None else None
             qt = QuantizedTensor(e["kind"], load(e["data"]), scale, e["orig_dtype"], int(e["bits"]))
-            if qt.kind == "int_per_row" and qt.data.numel():
+            if get_quantizer(qt.kind).packable and qt.data.numel():
                 qmax = qmax_for(qt.bits)
                 if int(qt.data.min()) < -qmax or int(qt.data.max()) > qmax:
                     raise ArtifactError(f"artifact {source} is malformed: {e['name']!r} codes exceed int{qt.bits}")
@@ -535,7 +524,11 @@ def describe_artifact(blob: bytes, estimate: bool = False, source: str = "<bytes
     for e in header["tensors"]:
         d = e["data"]
         count = int(np.prod(d["shape"], dtype=np.int64))
-        label, fmt = _component(e["kind"], e["bits"], d["dtype"])
+        try:
+            label = component_label(e["kind"], e["bits"], d["dtype"])  # "int6 codes", "fp16 passthrough"
+            fmt = format_label(e["kind"], e["bits"], d["dtype"])
+        except ValueError as err:
+            raise ArtifactError(f"artifact {source} is malformed: {err}") from None
         params[fmt] = params.get(fmt, 0) + count
         for spec, lab in ((d, label), (e["scale"], "scales")):
             if spec is not None:

@@ -7,10 +7,10 @@ Pipeline::
     result = gptq_state_dict(model, hessians, bits_for=lambda name: 6)
     result.tensors[name] -> (q int8 [rows, cols], scale fp16 [rows], bits)
 
-Storage format (the same as the quant module's per-row intN): ``w ~= q * scale[:, None]``
-with ``q = clamp(round(w / scale), -(2^(N-1) - 1), 2^(N-1) - 1)`` held in int8 and one fp16
-scale per row, ``scale = max(clip / (2^(N-1) - 1), MIN_SCALE)`` rounded to fp16 *before*
-the codes are computed, so dequantizing with the stored fp16 scale is exact.
+Storage format: the per-row intN of ``pgolf.compress.quantizers.rows`` (``w ~= q * scale[:, None]``,
+int8 codes in ``[-(2^(N-1) - 1), 2^(N-1) - 1]``, one fp16 scale per row rounded *before* the codes
+are computed). Scales, clip search and rounding all come from there; this module only decides
+the codes column by column.
 
 GPTQ keeps each row's scale fixed up front (from the weights, optionally with a clip search)
 and only chooses the integer codes: it quantizes one column at a time and pushes that
@@ -23,8 +23,6 @@ diagonal first.
 Legality: the calibration data come from the training shards (``calibration_batches``
 refuses validation files), and the seconds spent collecting Hessians and running GPTQ are
 returned so a caller can charge them to the training wall-clock budget.
-
-This module is self-contained on purpose (it does not depend on the quant module's API).
 """
 from __future__ import annotations
 
@@ -39,7 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pgolf.compress.quant import dequantize_rows, qmax_for  # the one definition of the code range and decoding
+from pgolf.compress.quantizers.rows import (DEFAULT_CLIP_GRID, MIN_SCALE, dequantize_rows, fp16_scale, qmax_for,
+                                            quantize_rows, round_codes, row_scales)
 
 __all__ = [
     "MIN_SCALE", "CLIP_GRID", "GPTQStats", "GPTQResult",
@@ -47,61 +46,9 @@ __all__ = [
     "calibration_batches", "collect_hessians", "gptq_quantize", "gptq_state_dict",
 ]
 
-# Smallest normal fp16 number: a scale floor that never underflows when stored as fp16.
-MIN_SCALE = 2.0 ** -14
-_FP16_MAX = 65504.0
-# Clip ratios (fraction of a row's max |w|) tried by the per-row clip search.
-CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(10))  # 1.00 .. 0.55
-
-
-# ---------------------------------------------------------------------------
-# Per-row symmetric intN rounding with an optionally Hessian-weighted clip search
-# ---------------------------------------------------------------------------
-
-def _scale_from_clip(clip: Tensor, qmax: int, min_scale: float) -> Tensor:
-    """fp16-representable scale (returned as float32) for each row's clip value."""
-    scale = (clip.float() / qmax).clamp(min=min_scale, max=_FP16_MAX)
-    return scale.half().float()
-
-
-def row_scales(w: Tensor, bits: int, clip_search: bool = True, col_weight: Tensor | None = None,
-               grid: Sequence[float] = CLIP_GRID, min_scale: float = MIN_SCALE) -> Tensor:
-    """Per-row fp16 scales (as float32) for ``w`` [rows, cols].
-
-    Without clip search the clip is the row's max |w|. With it, each row takes the clip ratio
-    in ``grid`` (times max |w|) whose rounding error ``sum_j c_j (w_ij - w_hat_ij)^2`` is least,
-    where ``c`` is ``col_weight`` (e.g. a Hessian diagonal) or all ones.
-    """
-    qmax = qmax_for(bits)
-    w = w.float()
-    absmax = w.abs().amax(dim=1)
-    if not clip_search:
-        return _scale_from_clip(absmax, qmax, min_scale)
-    best_scale = best_err = None
-    for ratio in grid:
-        scale = _scale_from_clip(absmax * float(ratio), qmax, min_scale)
-        err = (w - (w / scale[:, None]).round().clamp(-qmax, qmax) * scale[:, None]).square()
-        err = (err * col_weight.to(err)).sum(1) if col_weight is not None else err.sum(1)
-        if best_err is None:
-            best_scale, best_err = scale, err
-        else:
-            better = err < best_err
-            best_scale = torch.where(better, scale, best_scale)
-            best_err = torch.where(better, err, best_err)
-    return best_scale
-
-
-def quantize_rows(w: Tensor, bits: int, scale: Tensor | None = None, clip_search: bool = True,
-                  col_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Naive per-row round-to-nearest: ``(q int8 [rows, cols], scale fp16 [rows])``."""
-    if w.ndim != 2:
-        raise ValueError(f"per-row quantization needs a 2-D tensor, got shape {tuple(w.shape)}")
-    qmax = qmax_for(bits)
-    if scale is None:
-        scale = row_scales(w, bits, clip_search, col_weight)
-    scale = scale.half().float()
-    q = (w.float() / scale[:, None]).round().clamp(-qmax, qmax)
-    return q.to(torch.int8), scale.half()
+# GPTQ's scales start from the export's clip search (the same grid), so with an identity
+# Hessian GPTQ reproduces the plain export exactly.
+CLIP_GRID = DEFAULT_CLIP_GRID
 
 
 def hessian_error(w: Tensor, w_hat: Tensor, H: Tensor) -> float:
@@ -324,7 +271,7 @@ def gptq_quantize(
         scale = row_scales(W, bits, clip_search)       # fp16 values, float32 tensor
     elif tuple(scale.shape) != (rows,):
         raise ValueError(f"scale has shape {tuple(scale.shape)}, expected ({rows},)")
-    scale = scale.detach().to(device).half().float()
+    scale = fp16_scale(scale.detach().to(device).float())
 
     perm = None
     if act_order:
@@ -344,7 +291,7 @@ def gptq_quantize(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = W1[:, i:i + 1]
-            q = (col / s).round().clamp(-qmax, qmax)
+            q = round_codes(col, scale, qmax)
             Q1[:, i:i + 1] = q
             err = (col - q * s) / Hinv1[i, i]
             W1[:, i:] -= err @ Hinv1[i:i + 1, i:]

@@ -3,7 +3,8 @@
 Two modes, switched on late in training (`qat.start_frac` of the wall-clock budget, or of the
 iterations when there is no cap):
 - "ste": straight-through fake quantization, w + (quant(w) - w).detach(): the forward pass uses
-  per-row symmetric intN weights, the gradient flows to w unchanged;
+  per-row symmetric intN weights (pgolf.compress.quantizers.rows, the export's quantizer without
+  its clip search), the gradient flows to w unchanged;
 - "noise": w + u * scale with u ~ U(-1/2, 1/2) drawn every step: rounding error as noise, for
   recurrent cores where hard rounding error compounds through the loop.
 """
@@ -16,21 +17,19 @@ import re
 import torch
 from torch import Tensor
 
+from pgolf.compress.quantizers.rows import dequantize_rows, quantize_rows, row_scales
 from pgolf.model.gpt import CastedLinear
 
 
-def row_scale(w: Tensor, bits: int) -> Tensor:
-    qmax = 2 ** (bits - 1) - 1
-    return (w.detach().abs().amax(dim=1, keepdim=True) / qmax).clamp_min(1e-12)
-
-
 def fake_quantize(w: Tensor, bits: int, mode: str) -> Tensor:
-    scale = row_scale(w, bits)
+    """``w`` as the export's per-row intN stores it (max-abs clip, fp16 scale; no clip search,
+    which would cost a dozen roundings per step), with the gradient passed straight through;
+    or, in "noise" mode, ``w`` plus uniform noise of one such step."""
     if mode == "noise":
-        return w + (torch.rand_like(w) - 0.5) * scale
-    qmax = 2 ** (bits - 1) - 1
-    quantized = torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
-    return w + (quantized - w).detach()
+        scale = row_scales(w.detach(), bits, clip_search=False).to(w.dtype)
+        return w + (torch.rand_like(w) - 0.5) * scale[:, None]
+    q, scale = quantize_rows(w.detach(), bits, clip_search=False)
+    return w + (dequantize_rows(q, scale).to(w.dtype) - w).detach()
 
 
 def qat_layers(model: torch.nn.Module, pattern: str) -> list[tuple[str, CastedLinear]]:

@@ -5,7 +5,8 @@ in a deliberately different style from pgolf.compress.quant."""
 import pytest
 import torch
 
-from pgolf.compress import quant
+from pgolf.compress.quantizers import official_int8
+from pgolf.compress.quantizers import rows as rows_module
 from pgolf.compress.quant import (CONTROL_PATTERNS, is_control_tensor, QuantizedTensor, dequantize_state_dict,
                          quantize_state_dict)
 
@@ -186,8 +187,8 @@ def test_per_tensor_requantization_is_near_idempotent():
 def test_large_flat_quantile_fallback_matches_torch(monkeypatch):
     x = torch.randn(200_001, generator=torch.Generator().manual_seed(9))
     expected = torch.quantile(x.abs(), Q)
-    monkeypatch.setattr(quant, "_QUANTILE_MAX_NUMEL", 0)
-    assert torch.equal(quant._abs_quantile(x, None), expected)
+    monkeypatch.setattr(official_int8, "_QUANTILE_MAX_NUMEL", 0)
+    assert torch.equal(official_int8._abs_quantile(x, None), expected)
 
 
 def test_unknown_scheme_and_kind():
@@ -256,12 +257,12 @@ def test_clip_search_picks_grid_fraction_and_is_deterministic():
     assert bool((cands == s1[:, None]).any(dim=1).all())
     assert DEFAULT_CLIP_GRID[0] == 1.0 and len(DEFAULT_CLIP_GRID) == 16 and min(DEFAULT_CLIP_GRID) == 0.6
     # chunked search gives the same answer
-    old = quant._SEARCH_CHUNK_ELEMS
+    old = rows_module._SEARCH_CHUNK_ELEMS
     try:
-        quant._SEARCH_CHUNK_ELEMS = 1000
+        rows_module._SEARCH_CHUNK_ELEMS = 1000
         q3, s3 = quantize_rows(w, 4)
     finally:
-        quant._SEARCH_CHUNK_ELEMS = old
+        rows_module._SEARCH_CHUNK_ELEMS = old
     assert torch.equal(q1, q3) and torch.equal(s1, s3)
 
 

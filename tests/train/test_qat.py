@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from pgolf.compress.quantizers.rows import dequantize_rows, quantize_rows
 from pgolf.config import ModelConfig
 from pgolf.model.gpt import GPT
 from pgolf.train.qat import disable_qat, enable_qat, fake_quantize, qat_suspended
@@ -19,7 +20,8 @@ def test_ste_forward_is_quantized_and_gradient_passes_straight_through(bits):
     w = torch.randn(8, 33, requires_grad=True)
     out = fake_quantize(w, bits, "ste")
     qmax = 2 ** (bits - 1) - 1
-    scale = w.detach().abs().amax(dim=1, keepdim=True) / qmax
+    # the export's per-row scale: max-abs clip, rounded to fp16 before the codes
+    scale = (w.detach().abs().amax(dim=1, keepdim=True) / qmax).half().float()
     levels = out.detach() / scale
     assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= qmax + 1e-4
     assert (out.detach() - w.detach()).abs().max() <= scale.max() / 2 + 1e-6
@@ -31,8 +33,16 @@ def test_noise_mode_stays_within_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(16, 64)
     out = fake_quantize(w, 6, "noise")
-    scale = w.abs().amax(dim=1, keepdim=True) / 31
+    scale = (w.abs().amax(dim=1, keepdim=True) / 31).half().float()
     assert not torch.equal(out, w) and ((out - w).abs() <= scale / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_ste_forward_is_exactly_what_the_export_stores_without_clip_search(bits):
+    torch.manual_seed(1)
+    w = torch.randn(16, 70)
+    q, s = quantize_rows(w, bits, clip_search=False)
+    assert torch.equal(fake_quantize(w, bits, "ste"), dequantize_rows(q, s))
 
 
 def test_hooks_apply_to_matching_layers_only_and_can_be_suspended():
