@@ -27,6 +27,7 @@ from typing import Any, Mapping
 from pgolf.config import Config, config_from_dict
 from pgolf.train.entry import BUNDLE_NAME, OPTIONAL_MODULES, describe_code
 from pgolf.train.minify import minify_source
+from pgolf.train.shake import shake
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 ENTRY_MODULE = "pgolf.train.entry"  # the bundle's main and the optional-module table
@@ -38,6 +39,7 @@ ROOT_MODULES = ("pgolf", ENTRY_MODULE, "pgolf.train.run")
 # seed of a group ships the identical file.
 RUN_IDENTITY_KEYS = (("train", "seed"), ("run", "run_id"), ("run", "runs_dir"), ("run", "group"))
 MODULE_SEPARATOR = "\0"  # never occurs in source text
+LOADER_CALLS = ("run_bundled",)  # what the loader below calls: shake() must keep it
 COMPRESSORS = ("brotli", "lzma")  # best first; brotli when it is importable at pack time
 
 # The loader, after CONFIG and PACKED. Terse on purpose: its bytes are counted uncompressed.
@@ -193,8 +195,9 @@ def default_compressor() -> str:
 
 
 def pack_modules(sources: Mapping[str, str], compressor: str) -> bytes:
-    """base85 of the compressed modules as name, minified source, name, ... (minify_source)."""
-    text = MODULE_SEPARATOR.join(part for name, source in sources.items()
+    """base85 of the compressed modules as name, minified source, name, ... (unreferenced
+    definitions shaken out, then minify_source)."""
+    text = MODULE_SEPARATOR.join(part for name, source in shake(sources, keep=LOADER_CALLS).items()
                                  for part in (name, minify_source(source, _filename(name))))
     return _pack_text(text, compressor)
 

@@ -29,6 +29,7 @@ OPTIONAL_MODULES: dict[str, Callable[[Config], bool]] = {
     "pgolf.data.synthetic": lambda cfg: cfg.data.source == "synthetic",
     "pgolf.compress.gptq": lambda cfg: cfg.export.gptq or cfg.export.allocate,  # allocation needs its Hessians
     "pgolf.compress.allocate": lambda cfg: cfg.export.allocate,
+    "pgolf.train.losses": lambda cfg: cfg.train.fused_loss != "off",  # auto: on for CUDA
     "pgolf.train.bundle": lambda cfg: False,  # packing; inside a bundle the running file is what counts
 }
 

@@ -102,11 +102,6 @@ def reference_softcapped_cross_entropy(hidden: Tensor, head_weight: Tensor, targ
     return losses.view(targets.shape) if reduction == "none" else losses
 
 
-def use_fused_loss(setting: str, device: torch.device) -> bool:
-    """train.fused_loss: auto is on for CUDA (where the fp32 logits cost memory and bandwidth)."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
-
-
 def model_loss(model, input_ids: Tensor, target_ids: Tensor, reduction: str = "mean",
                chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
     """GPT.forward's loss through the chunked path: the model's final hidden states, its output

@@ -30,7 +30,6 @@ from pgolf.runs import RunLogger, latest_checkpoint
 from pgolf.runtime.compile_check import RecompileWatch
 from pgolf.runtime.distributed import DistInfo
 from pgolf.train.checkpoint import Checkpoint, save_checkpoint
-from pgolf.train.losses import ChunkedLossModel, use_fused_loss
 from pgolf.train.lr import lr_scale
 from pgolf.train.optim import Optimizers, build_optimizers, muon_momentum_at, orthogonalize, resolve_switch
 from pgolf.train.parallel_muon import ddp_ignore, use_parallel_muon
@@ -100,9 +99,14 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.base_model: GPT = build_model(cfg.model, info.device)
         self.compiled = compiled = use_compile(cfg, info.device)
-        self.fused_loss = use_fused_loss(cfg.train.fused_loss, info.device)
         # What training and validation call: the model, its loss chunked (pgolf.train.losses), compiled.
-        loss_model = ChunkedLossModel(self.base_model) if self.fused_loss else self.base_model
+        # auto is on for CUDA, where fp32 logits for the whole batch cost memory and bandwidth.
+        self.fused_loss = resolve_switch(cfg.train.fused_loss, info.device.type == "cuda")
+        loss_model = self.base_model
+        if self.fused_loss:  # an optional module: shipped only when train.fused_loss allows it
+            from pgolf.train.losses import ChunkedLossModel
+
+            loss_model = ChunkedLossModel(self.base_model)
         if compiled:
             self.fast_model = torch.compile(loss_model, dynamic=False, fullgraph=True)
         else:

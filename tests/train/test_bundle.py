@@ -16,10 +16,11 @@ import pgolf
 import pgolf.train.bundle as bundle_module
 import pgolf.train.entry as entry_module
 from pgolf.compress.accounting import code_bytes_of_package
-from pgolf.train.bundle import (_module_path, MODULE_SEPARATOR, OPTIONAL_MODULES, bundle_config, bundle_modules,
-                                build_bundle, compressor_of, unclassified_lazy_imports)
+from pgolf.train.bundle import (LOADER_CALLS, MODULE_SEPARATOR, OPTIONAL_MODULES, _module_path, bundle_config,
+                                bundle_modules, build_bundle, compressor_of, unclassified_lazy_imports)
 from pgolf.train.entry import BUNDLE_EXIT_CODES, run_bundled
 from pgolf.train.minify import minify_source
+from pgolf.train.shake import shake
 from pgolf.cli import STATUS_EXIT_CODES
 from pgolf.config import Config
 from pgolf.runs import read_json, read_metrics
@@ -38,7 +39,8 @@ def packed_sources(bundle: bytes) -> dict[str, str]:
 
 
 def minified(sources: dict[str, str]) -> dict[str, str]:
-    return {name: minify_source(text, str(_module_path(name).relative_to(PACKAGE.parent))) for name, text in sources.items()}
+    return {name: minify_source(text, str(_module_path(name).relative_to(PACKAGE.parent)))
+            for name, text in shake(sources, keep=LOADER_CALLS).items()}
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -221,3 +223,20 @@ def test_bundled_train_gpt_trains_exactly_like_pgolf(tmp_path, one_cpu_thread):
     saved = read_json(theirs_dir / "config.json")
     assert saved["preset"] == "train_gpt.py" and saved["config"]["train"]["seed"] == 7
     assert json.loads(json.dumps(bundle_config(saved["config"]))) == bundle_config(cfg)
+
+
+def test_shake_drops_only_what_nothing_shipped_refers_to():
+    sources = {
+        "pgolf.a": "import functools\n\n\ndef used():\n    return helper()\n\n\ndef helper():\n    return 1\n\n\n"
+                   "def unused():\n    return 2\n\n\n@functools.cache\ndef registered():\n    return 3\n\n\n"
+                   "def by_name():\n    return 4\n\n\nclass Dead:\n    pass\n\n\ndef __getattr__(name):\n    raise AttributeError(name)\n",
+        "pgolf.b": "from pgolf.a import used\n\nVALUE = used()\nLOOKUP = getattr(object, 'by_name', None)\n",
+    }
+    shaken = shake(sources)
+    assert shaken["pgolf.b"] == sources["pgolf.b"]
+    kept = shaken["pgolf.a"]
+    for name in ("def used", "def helper", "def registered", "def by_name", "def __getattr__"):
+        assert name in kept, name  # referenced, reached from a kept one, decorated, named as a string, dunder
+    assert "def unused" not in kept and "class Dead" not in kept
+    exec(compile(kept, "pgolf/a.py", "exec"), {})  # still a valid module
+

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pgolf.config import ConfigError, ModelConfig, resolve_config
-from pgolf.train.losses import model_loss, reference_softcapped_cross_entropy, softcapped_cross_entropy, use_fused_loss
+from pgolf.train.losses import model_loss, reference_softcapped_cross_entropy, softcapped_cross_entropy
 from pgolf.model.gpt import GPT
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -152,9 +152,6 @@ def test_bad_arguments_and_switch():
         softcapped_cross_entropy(hidden, weight, targets, CAP, reduction="avg")
     with pytest.raises(ValueError, match="chunk_tokens must be positive"):
         softcapped_cross_entropy(hidden, weight, targets, CAP, chunk_tokens=0)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert (use_fused_loss("auto", cpu), use_fused_loss("auto", cuda)) == (False, True)
-    assert use_fused_loss("on", cpu) and not use_fused_loss("off", cuda)
     with pytest.raises(ConfigError, match="train.fused_loss must be auto, on or off"):
         resolve_config(None, ["train.fused_loss=fast"], env={})
 
