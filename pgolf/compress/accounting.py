@@ -7,11 +7,10 @@ the form a submission ships it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pgolf.compress.container import ArtifactError
+from pgolf.rules import SIZE_CAP_BYTES
 
-SIZE_CAP_BYTES = 16_000_000  # decimal, as the challenge counts
 
 @dataclass
 class SizeReport:
@@ -43,29 +42,10 @@ class SizeReport:
         return "\n".join(self.lines())
 
 
-def code_bytes_of_package(cfg=None) -> tuple[int, str]:
-    """Counted code bytes: the exact length of the single-file ``train_gpt.py`` that
-    `pgolf submit` ships for ``cfg`` (a Config or its dict; None: the default config), or,
-    inside a running bundle, of that file. Returns (bytes, how they were counted)."""
-    import pgolf
-    from pgolf.train.entry import describe_code
-
-    running = getattr(pgolf, "__bundle_file__", None)
-    if running:  # the bundler is not shipped: a bundle counts itself
-        data = Path(running).read_bytes()
-        return len(data), describe_code(data, f"the length of this file, {Path(running).name}")
-    from pgolf.train.bundle import code_bytes_for  # the bundler owns the file's form
-
-    return code_bytes_for(cfg)
-
-
-def size_report(model_bytes: int, code_bytes: int | None = None, code_description: str | None = None,
+def size_report(model_bytes: int, code_bytes: int, code_description: str | None = None,
                 cap: int = SIZE_CAP_BYTES, breakdown: dict[str, int] | None = None) -> SizeReport:
-    """Account artifact + code bytes against ``cap``; code defaults to the default config's bundle.
+    """Account artifact + code bytes (pgolf.train.export.counted_code_bytes) against ``cap``.
     ``breakdown`` (component -> bytes) is printed under the model bytes by ``lines()``."""
-    if code_bytes is None:
-        code_bytes, desc = code_bytes_of_package()
-        code_description = code_description or desc
     total = int(model_bytes) + int(code_bytes)
     return SizeReport(int(model_bytes), int(code_bytes), code_description or "given", total, cap, total <= cap,
                       dict(breakdown) if breakdown is not None else None)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pgolf.config import Config, ExportConfig
+from pgolf.compress.config import ExportConfig
 from pgolf.compress.quant import (KEEP_FLOAT_MAX_NUMEL, SCHEMES, QuantizedTensor, QuantStats, policy_bits,
-                         quantize_state_dict)
+                                  quantize_state_dict)
+from pgolf.rules import SIZE_CAP_BYTES
 
 CLIP_SEARCH = {"auto": None, "on": True, "off": False}
 
@@ -42,8 +43,10 @@ def effective_policy(e: ExportConfig) -> list:
     return ([FP16_EMBEDDING_RULE] if e.fp16_embedding else []) + list(e.policy)
 
 
-def plan_export(model: torch.nn.Module, cfg: Config, train_files: list[Path], device: torch.device,
+def plan_export(model: torch.nn.Module, cfg, train_files: list[Path], device: torch.device,
                 code_bytes: int) -> ExportPlan:
+    """Quantize model's weights as cfg (a run's pgolf.config.Config: its export section, and the
+    sequence length and vocabulary calibration batches need) asks."""
     e = cfg.export
     start = time.perf_counter()
     state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -66,7 +69,7 @@ def plan_export(model: torch.nn.Module, cfg: Config, train_files: list[Path], de
     return ExportPlan(qdict, stats, time.perf_counter() - start, lines)
 
 
-def _allocate(state, cfg: Config, hessians, policy, code_bytes: int, lines: list[str]):
+def _allocate(state, cfg, hessians, policy, code_bytes: int, lines: list[str]):
     from pgolf.compress.allocate import allocate_bits
 
     matrices = _large_matrices(state)
@@ -78,7 +81,7 @@ def _allocate(state, cfg: Config, hessians, policy, code_bytes: int, lines: list
         if spec is not None or name not in hessians:
             fixed[name] = spec if spec is not None else default
     others = sum(t.numel() * 4 for n, t in state.items() if n not in matrices)  # small tensors, fp32 at most
-    budget = cfg.export.allocate_budget or (16_000_000 - code_bytes - others)
+    budget = cfg.export.allocate_budget or (SIZE_CAP_BYTES - code_bytes - others)
     allocation = allocate_bits(matrices, budget, hessian_diag={n: h.diagonal() for n, h in hessians.items()
                                                                  if n in matrices and n not in fixed},
                                fixed=fixed)
@@ -90,7 +93,7 @@ def _allocate(state, cfg: Config, hessians, policy, code_bytes: int, lines: list
     return bits_for
 
 
-def _apply_gptq(state, qdict: dict[str, QuantizedTensor], hessians, cfg: Config, lines: list[str]) -> None:
+def _apply_gptq(state, qdict: dict[str, QuantizedTensor], hessians, cfg, lines: list[str]) -> None:
     """Replace plain rounding by GPTQ for every per-row integer tensor with a Hessian."""
     from pgolf.compress.gptq import gptq_state_dict
 

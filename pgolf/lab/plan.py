@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pgolf.compress.accounting import SIZE_CAP_BYTES, code_bytes_of_package
 from pgolf.config import Config, ConfigError, config_from_dict
+from pgolf.lab.plan_weights import DEFAULT_LAWS, DriftLaw, draw_trained_state, laws_from_run
 from pgolf.model import roles
 from pgolf.model.gpt import GPT
-from pgolf.lab.plan_weights import DEFAULT_LAWS, DriftLaw, draw_trained_state, laws_from_run
+from pgolf.rules import SIZE_CAP_BYTES
 from pgolf.runs import read_json
+from pgolf.train.export import counted_code_bytes
 
 COMPONENTS = ("embedding", "attention", "mlp", "control", "other")
 # The allocator weighs errors by Hessians; for a size estimate a few sequences suffice.
@@ -178,7 +179,7 @@ def estimate_artifact(model: GPT, cfg: Config, steps: int, laws: dict[str, Drift
     e = plan_cfg.export
     start = time.perf_counter()
     draw_trained_state(model, cfg, steps, laws)
-    code_bytes, code_description = code_bytes_of_package(cfg)
+    code_bytes, code_description = counted_code_bytes(cfg)
     if e.gptq:  # GPTQ moves codes, not bit widths: the baseline at int6 is 0.02% apart, at minutes of CPU
         e.gptq = False
         notes.append("export.gptq: estimated with plain rounding (GPTQ keeps the bit widths; its codes "

@@ -6,7 +6,7 @@ Its length is the counted code bytes (pgolf.compress.accounting asks `code_bytes
 number a run reports at export is the length of the file `pgolf submit` writes for it.
 
 Which modules: the module-level imports of ROOT_MODULES, followed statically, plus the
-optional modules (imported inside functions) whose predicate in entry.OPTIONAL_MODULES holds for
+optional modules (imported inside functions) whose predicate in shipping.OPTIONAL_MODULES holds for
 the config. Inside the file: a one-line header, ``CONFIG`` (the config's difference from pgolf's
 defaults, which are the official baseline), the packed modules, then an importer placed first
 on ``sys.meta_path`` so an installed pgolf never shadows them; it compiles each module under its
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pgolf.config import Config, config_from_dict
-from pgolf.train.entry import BUNDLE_NAME, OPTIONAL_MODULES, describe_code
+from pgolf.train.shipping import BUNDLE_NAME, OPTIONAL_MODULES, describe_code
 from pgolf.train.minify import minify_source
 from pgolf.train.shake import shake
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf.runs import checkpoint_path, latest_checkpoint  # noqa: F401  (latest_checkpoint: until plan_weights imports it from runs)
+from pgolf.runs import checkpoint_path
 from pgolf.runtime.files import atomic_write
 
 @dataclass

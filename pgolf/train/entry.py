@@ -1,47 +1,23 @@
-"""The root of a shipped train_gpt.py: its main, and the table of modules it carries only when
-the run's config needs them.
+"""The root of a shipped train_gpt.py: its main, which resolves the config as `pgolf train` does
+and runs the same training.
 
 The bundler (pgolf.train.bundle) packs the modules this one imports at module level, their
-module-level imports in turn, and the OPTIONAL_MODULES whose predicate holds for the config.
-Keep this module small and torch-free: it is shipped in every bundle and imported by the
-bundler.
+module-level imports in turn, and the optional modules (pgolf.train.shipping) the config needs.
+Torch-free at import: training is imported when the main runs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-from pgolf.config import Config, ConfigError, apply_env, apply_overrides, config_from_dict, validate
+from pgolf.config import ConfigError, apply_env, apply_overrides, config_from_dict, validate
+from pgolf.rules import STATUS_EXIT_CODES
+from pgolf.train.shipping import BUNDLE_NAME, missing_modules
 
-BUNDLE_NAME = "train_gpt.py"
-# `pgolf train`'s exit statuses (pgolf.cli.STATUS_EXIT_CODES; the cli is not bundled).
-BUNDLE_EXIT_CODES = {"done": 0, "over_cap": 3, "interrupted": 130}
-
-# Every module that pgolf imports only inside functions, with the configs that need it: it is
-# bundled when its predicate holds for the run's config. A lazy import of a module that is
-# neither here nor imported at module level wherever its importer is (bundle.ROOT_MODULES) is
-# bundled always, and tests/train/test_bundle.py fails until it is classified here.
-OPTIONAL_MODULES: dict[str, Callable[[Config], bool]] = {
-    "pgolf.data.synthetic": lambda cfg: cfg.data.source == "synthetic",
-    "pgolf.compress.gptq": lambda cfg: cfg.export.gptq or cfg.export.allocate,  # allocation needs its Hessians
-    "pgolf.compress.allocate": lambda cfg: cfg.export.allocate,
-    "pgolf.train.losses": lambda cfg: cfg.train.fused_loss != "off",  # auto: on for CUDA
-    "pgolf.train.bundle": lambda cfg: False,  # packing; inside a bundle the running file is what counts
-}
-
-
-def describe_code(bundle: bytes, where: str) -> str:
-    """How code bytes were counted; submit reads the sha256 back to check the code is unchanged."""
-    return f"{where}; sha256:{hashlib.sha256(bundle).hexdigest()[:16]}"
-
-
-def missing_modules(cfg: Config) -> list[str]:
-    """The optional modules cfg needs that cannot be imported (in a bundle: were not packed)."""
-    return [name for name, needed in OPTIONAL_MODULES.items() if needed(cfg) and importlib.util.find_spec(name) is None]
+# `pgolf train`'s exit statuses: a bundle exits as the command would.
+BUNDLE_EXIT_CODES = STATUS_EXIT_CODES
 
 
 def bundled_module_check() -> str:

@@ -6,13 +6,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pgolf.compress.accounting import SizeReport, code_bytes_of_package, size_report
+import pgolf
+from pgolf.compress.accounting import SizeReport, size_report
 from pgolf.compress.container import describe_artifact, pack_artifact, read_artifact, write_artifact
 from pgolf.compress.policy import plan_export
 from pgolf.eval.windows import EvalResult
 from pgolf.compress.quant import dequantize_state_dict
 from pgolf.eval.receipt import Receipt, state_fingerprint, write_receipt
 from pgolf.runs import RunDir
+from pgolf.train.shipping import describe_code
 
 ARTIFACT_NAME = RunDir.ARTIFACT
 
@@ -32,6 +34,19 @@ def artifact_meta(cfg) -> dict:
     return {"run_id": cfg.run.run_id, "config": cfg.to_dict()}
 
 
+def counted_code_bytes(cfg=None) -> tuple[int, str]:
+    """Counted code bytes: the exact length of the single-file ``train_gpt.py`` that
+    `pgolf submit` ships for ``cfg`` (a Config or its dict; None: the default config), or,
+    inside a running bundle, of that file. Returns (bytes, how they were counted)."""
+    running = getattr(pgolf, "__bundle_file__", None)
+    if running:  # the bundler is not shipped: a bundle counts itself
+        data = Path(running).read_bytes()
+        return len(data), describe_code(data, f"the length of this file, {Path(running).name}")
+    from pgolf.train.bundle import code_bytes_for  # the bundler, never shipped, owns the file's form
+
+    return code_bytes_for(cfg)
+
+
 def size_to_dict(report: SizeReport) -> dict:
     return {**asdict(report), "overage": report.overage}
 
@@ -41,7 +56,7 @@ def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
     info = trainer.info
     path = RunDir(run_dir).artifact
 
-    code_bytes, code_description = code_bytes_of_package(cfg)  # the length of this run's train_gpt.py
+    code_bytes, code_description = counted_code_bytes(cfg)  # the length of this run's train_gpt.py
     plan = plan_export(trainer.base_model, cfg, trainer.data.train_files, info.device, code_bytes)
     for line in plan.lines:
         logger.log(line)

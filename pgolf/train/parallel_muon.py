@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pgolf.train.optim import Muon, decay_and_update, muon_updates
+from pgolf.train.muon import Muon, decay_and_update, muon_updates
 
 # torch 2.13 renamed the tensor-in/tensor-out collectives; 2.11 (CUDA) has only the old names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -194,14 +194,6 @@ class ParallelMuon(Muon):
     @staticmethod
     def _device(bucket: Bucket) -> torch.device:
         return next(p for p in bucket.params if p is not None).device
-
-
-def use_parallel_muon(setting: str, device: torch.device, world_size: int, grad_clip_norm: float = 0.0) -> bool:
-    """optim.parallel_muon: auto is on for CUDA with several processes and no gradient clipping
-    (which needs every gradient synchronised before the step); with one process it is plain Muon."""
-    if world_size <= 1:
-        return False
-    return setting == "on" or (setting == "auto" and device.type == "cuda" and grad_clip_norm <= 0)
 
 
 def ddp_ignore(module: nn.Module, params: list[Tensor]) -> list[str]:

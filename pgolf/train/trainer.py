@@ -31,8 +31,8 @@ from pgolf.runtime.compile_check import RecompileWatch
 from pgolf.runtime.distributed import DistInfo
 from pgolf.train.checkpoint import Checkpoint, save_checkpoint
 from pgolf.train.lr import lr_scale
-from pgolf.train.optim import Optimizers, build_optimizers, muon_momentum_at, orthogonalize, resolve_switch
-from pgolf.train.parallel_muon import ddp_ignore, use_parallel_muon
+from pgolf.train.muon import orthogonalize
+from pgolf.train.optim import Optimizers, build_optimizers, muon_momentum_at, resolve_switch, use_parallel_muon
 from pgolf.train.progress import TrainProgress
 from pgolf.train.qat import enable_qat, qat_suspended
 
@@ -115,6 +115,8 @@ class Trainer:
                                           cfg.train.grad_clip_norm)
         self.optimizers: Optimizers = build_optimizers(self.base_model, cfg.optim, info.device, parallel_muon)
         if parallel_muon:  # Parallel Muon reduce-scatters the matrices' gradients itself, not DDP
+            from pgolf.train.parallel_muon import ddp_ignore
+
             ddp_ignore(self.fast_model, self.optimizers.muon.param_groups[0]["params"])
         self.model = (
             DDP(self.fast_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,

@@ -3,7 +3,6 @@ that it trains exactly as pgolf does with no pgolf on the path."""
 
 import base64
 import json
-import lzma
 import os
 import re
 import subprocess
@@ -14,9 +13,9 @@ import pytest
 
 import pgolf
 import pgolf.train.bundle as bundle_module
-import pgolf.train.entry as entry_module
-from pgolf.compress.accounting import code_bytes_of_package
-from pgolf.train.bundle import (LOADER_CALLS, MODULE_SEPARATOR, OPTIONAL_MODULES, _module_path, bundle_config,
+import pgolf.train.shipping as shipping_module
+from pgolf.train.export import counted_code_bytes
+from pgolf.train.bundle import (LOADER_CALLS, MODULE_SEPARATOR, _module_path, bundle_config,
                                 bundle_modules, build_bundle, compressor_of, unclassified_lazy_imports)
 from pgolf.train.entry import BUNDLE_EXIT_CODES, run_bundled
 from pgolf.train.minify import minify_source
@@ -146,7 +145,7 @@ def test_tracebacks_name_the_original_module(tmp_path, compressor):
 
 def test_counted_code_bytes_are_the_bundle_length(tmp_path):
     cfg = tiny_config(tmp_path)
-    n, desc = code_bytes_of_package(cfg)
+    n, desc = counted_code_bytes(cfg)
     assert n == len(build_bundle(cfg)) == len(build_bundle(cfg.to_dict()))
     assert "train_gpt.py" in desc and re.search(r"sha256:[0-9a-f]{16}", desc)
 
@@ -166,8 +165,8 @@ def test_bundle_exit_codes_are_pgolf_trains():
 
 def test_bundled_main_refuses_a_config_its_modules_cannot_run(tmp_path, monkeypatch, capsys):
     """A bundle packed without GPTQ, run with export.gptq=true, stops before training."""
-    real_find_spec = entry_module.importlib.util.find_spec
-    monkeypatch.setattr(entry_module.importlib.util, "find_spec",
+    real_find_spec = shipping_module.importlib.util.find_spec
+    monkeypatch.setattr(shipping_module.importlib.util, "find_spec",
                         lambda name: None if name == "pgolf.compress.gptq" else real_find_spec(name))
     assert run_bundled(bundle_config(tiny_config(tmp_path)), ["export.gptq=true"]) == 2
     assert "does not need pgolf.compress.gptq" in capsys.readouterr().err

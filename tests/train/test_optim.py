@@ -10,7 +10,8 @@ import torch
 from pgolf.config import ModelConfig, OptimConfig
 from pgolf.model.gpt import GPT
 from pgolf.model.roles import UntaggedParameterError
-from pgolf.train.optim import Muon, build_optimizers, check_one_group_each, muon_momentum_at, orthogonalize
+from pgolf.train.muon import Muon, orthogonalize
+from pgolf.train.optim import build_optimizers, check_one_group_each, muon_momentum_at
 
 CPU = torch.device("cpu")
 TINY = dict(vocab_size=64, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2)
@@ -445,7 +446,7 @@ def test_batched_orthogonalize_matches_per_matrix_fp32():
 
 
 def test_orthogonalize_many_groups_by_shape_and_keeps_order():
-    from pgolf.train.optim import orthogonalize_many
+    from pgolf.train.muon import orthogonalize_many
 
     shapes = [(16, 32), (32, 16), (16, 32), (8, 8), (24, 8), (16, 32)]  # (32,16) joins the (16,32) bank
     mats = [randn(*s, seed=40 + i) for i, s in enumerate(shapes)]

@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 
 from pgolf.config import ConfigError, ModelConfig, resolve_config
 from pgolf.model.gpt import GPT, is_control_param
-from pgolf.train.optim import Muon
-from pgolf.train.parallel_muon import ParallelMuon, ddp_ignore, plan_buckets, use_parallel_muon
+from pgolf.train.muon import Muon
+from pgolf.train.optim import use_parallel_muon
+from pgolf.train.parallel_muon import ParallelMuon, ddp_ignore, plan_buckets
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

@@ -1,0 +1,36 @@
+"""What a shipped train_gpt.py carries: its name, the modules it holds only when the run's config
+needs them, and how its bytes are described. Torch-free: the bundler, the bundle's main and the
+export all read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from typing import Callable
+
+from pgolf.config import Config
+
+BUNDLE_NAME = "train_gpt.py"
+# Every module that pgolf imports only inside functions, with the configs that need it: it is
+# bundled when its predicate holds for the run's config. A lazy import of a module that is
+# neither here nor imported at module level wherever its importer is (bundle.ROOT_MODULES) is
+# bundled always, and tests/train/test_bundle.py fails until it is classified here.
+OPTIONAL_MODULES: dict[str, Callable[[Config], bool]] = {
+    "pgolf.data.synthetic": lambda cfg: cfg.data.source == "synthetic",
+    "pgolf.compress.gptq": lambda cfg: cfg.export.gptq or cfg.export.allocate,  # allocation needs its Hessians
+    "pgolf.compress.allocate": lambda cfg: cfg.export.allocate,
+    "pgolf.train.losses": lambda cfg: cfg.train.fused_loss != "off",  # auto: on for CUDA
+    "pgolf.train.parallel_muon": lambda cfg: cfg.optim.parallel_muon != "off",  # auto: on for CUDA, world size > 1
+    "pgolf.train.bundle": lambda cfg: False,  # packing; inside a bundle the running file is what counts
+}
+
+
+def describe_code(bundle: bytes, where: str) -> str:
+    """How code bytes were counted; submit reads the sha256 back to check the code is unchanged."""
+    return f"{where}; sha256:{hashlib.sha256(bundle).hexdigest()[:16]}"
+
+
+def missing_modules(cfg: Config) -> list[str]:
+    """The optional modules cfg needs that cannot be imported (in a bundle: were not packed)."""
+    return [name for name, needed in OPTIONAL_MODULES.items() if needed(cfg) and importlib.util.find_spec(name) is None]
