@@ -48,7 +48,6 @@ from pgolf.compress.quantizers.registry import (QUANTIZERS, QuantizedTensor, dty
                                                 format_label, get_quantizer)
 from pgolf.compress.quantizers.rows import (DEFAULT_CLIP_GRID, MAX_BITS, MIN_BITS, dequantize_rows, qmax_for,
                                             quantization_error, quantize_int_per_row, quantize_rows)
-from pgolf.model.gpt import CONTROL_PARAM_PATTERNS
 
 __all__ = [
     "CONTROL_PATTERNS", "KEEP_FLOAT_MAX_NUMEL", "CLIP_PERCENTILE", "KINDS",
@@ -62,7 +61,10 @@ __all__ = [
 
 # The model's small "control" tensors (gains, mixes, skip weights) stay fp32 in the export;
 # the optimizer groups them apart by the same names.
-CONTROL_PATTERNS: tuple[str, ...] = CONTROL_PARAM_PATTERNS
+# The official export's control tensors (train_gpt.py's CONTROL_TENSOR_NAME_PATTERNS): small float
+# tensors kept in fp32 when no roles are given. pgolf's own models pass their roles instead
+# (pgolf.model.roles.export_passthrough), which pick the same tensors for the baseline.
+CONTROL_PATTERNS: tuple[str, ...] = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
 KEEP_FLOAT_MAX_NUMEL = 65_536
 
 KINDS = tuple(sorted(QUANTIZERS))  # the registered storage kinds
@@ -110,13 +112,14 @@ def is_control_tensor(name: str) -> bool:
     return any(p in name for p in CONTROL_PATTERNS)
 
 
-def quantize_tensor_int8(name: str, t: torch.Tensor) -> QuantizedTensor:
-    """Quantize one tensor with the official int8 rules (see module docstring)."""
+def quantize_tensor_int8(name: str, t: torch.Tensor, keep_fp32: bool | None = None) -> QuantizedTensor:
+    """Quantize one tensor with the official int8 rules (see module docstring). ``keep_fp32``:
+    whether a small float tensor stays fp32 (None: the official name patterns decide)."""
     t = t.detach().to("cpu").contiguous()
     if not t.is_floating_point():
         return quantize_raw(t)
     if t.numel() <= KEEP_FLOAT_MAX_NUMEL:
-        if is_control_tensor(name):
+        if is_control_tensor(name) if keep_fp32 is None else keep_fp32:
             return quantize_float(t.float(), "fp32")
         return quantize_float(t)
     return quantize_int8_per_row(t) if t.ndim == 2 else quantize_int8_per_tensor(t)
@@ -160,17 +163,17 @@ def policy_bits(policy: Iterable[Sequence], default: BitsSpec = None) -> BitsFor
 
 
 def quantize_tensor(name: str, t: torch.Tensor, bits: BitsSpec = None, clip_search: bool = True,
-                    grid: Sequence[float] | None = None) -> QuantizedTensor:
+                    grid: Sequence[float] | None = None, keep_fp32: bool | None = None) -> QuantizedTensor:
     """Quantize one tensor with an explicit spec. Non-float tensors and float tensors of at
     most ``KEEP_FLOAT_MAX_NUMEL`` elements follow the official rules whatever ``bits`` is;
     otherwise ``bits=None`` is the official int8, an int N is per-row intN
     (``quantize_rows``; tensors that are not 2-D use their first dim as rows, 1-D ones
     are one row), "fp16"/"fp32" keep the tensor as that float (dequantized back to its
-    dtype)."""
+    dtype). ``keep_fp32`` as in quantize_tensor_int8."""
     check_bits_spec(bits)
     t = t.detach()
     if bits is None or not t.is_floating_point() or t.numel() <= KEEP_FLOAT_MAX_NUMEL:
-        return quantize_tensor_int8(name, t)
+        return quantize_tensor_int8(name, t, keep_fp32)
     if bits in FLOAT_SPECS:
         return quantize_float(t, bits)
     return quantize_int_per_row(t, bits, clip_search=clip_search, grid=grid)
@@ -187,6 +190,7 @@ def _format_of(qt: QuantizedTensor) -> str:
 def quantize_state_dict(
     state_dict: dict[str, torch.Tensor], scheme: str = "int8", bits_for: BitsFor | None = None,
     clip_search: bool | None = None, grid: Sequence[float] | None = None,
+    float_passthrough: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, QuantizedTensor], QuantStats]:
     """Quantize every tensor of ``state_dict`` (order kept).
 
@@ -201,7 +205,11 @@ def quantize_state_dict(
     ``clip_search``: None (default) searches the clip of every per-row intN tensor but
     leaves the official int8 alone; True also replaces the official int8 of 2-D tensors by
     per-row int8 with clip search; False uses the max-abs clip for per-row intN (and the
-    official int8 where it applies)."""
+    official int8 where it applies).
+
+    ``float_passthrough``: {name: "fp32" | "fp16"} from the parameters' roles
+    (pgolf.model.roles.export_passthrough): the small float tensors named "fp32" stay fp32, the
+    others are stored as fp16. None: the official name patterns (CONTROL_PATTERNS) decide."""
     try:
         default_bits = SCHEMES[scheme]
     except KeyError:
@@ -216,7 +224,8 @@ def quantize_state_dict(
             spec = check_bits_spec(bits_for(name, tensor), f"bits_for({name!r})")
         if spec is None and tensor.ndim == 2 and not official_int8:
             spec = default_bits
-        qt = quantize_tensor(name, tensor, spec, clip_search=search, grid=grid)
+        keep_fp32 = None if float_passthrough is None else float_passthrough.get(name) == "fp32"
+        qt = quantize_tensor(name, tensor, spec, clip_search=search, grid=grid, keep_fp32=keep_fp32)
         out[name] = qt
         stats.param_count += tensor.numel()
         stats.num_tensors += 1

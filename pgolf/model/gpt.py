@@ -30,12 +30,10 @@ from pgolf.model.roles import ROLE_TABLE, Role, param_roles, tag
 from pgolf.model.attention import CausalSelfAttention, Rotary, apply_rotary  # noqa: F401  "gqa", "rope"
 from pgolf.model.layout import BlockSchedule, cycle_enabled  # noqa: F401  "unet", "recurrence", "middle_cycle"
 from pgolf.model.mlp import MLP, MLP_VARIANTS, MLPVariant, gated_hidden_size, mlp_hidden_size  # noqa: F401
-from pgolf.model.roles import CONTROL_PARAM_PATTERNS, is_control_param  # noqa: F401  (pgolf.compress.quant)
 
 __all__ = ["GPT", "Block", "build_model", "count_parameters", "model_config_problems", "CastedLinear", "rms_norm",
            "CausalSelfAttention", "Rotary", "apply_rotary", "BlockSchedule", "block_schedule", "cycle_enabled",
-           "MLP", "MLP_VARIANTS", "MLPVariant", "gated_hidden_size", "mlp_hidden_size",
-           "CONTROL_PARAM_PATTERNS", "is_control_param"]
+           "MLP", "MLP_VARIANTS", "MLPVariant", "gated_hidden_size", "mlp_hidden_size"]
 
 
 class Block(nn.Module):

@@ -21,7 +21,7 @@ import enum
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 
 class Role(enum.Enum):
@@ -150,13 +150,3 @@ def fp32_passthrough_names(model: nn.Module) -> frozenset[str]:
 def qat_eligible_names(model: nn.Module) -> frozenset[str]:
     """The parameters quantization-aware training may fake-quantize (qat.pattern narrows them)."""
     return frozenset(n for n, role in param_roles(model).items() if ROLE_TABLE[role].qat)
-
-
-# ------------------------------------------------------------------ legacy name patterns
-# What decided treatment before roles; pgolf.compress.quant still reads CONTROL_PARAM_PATTERNS
-# until the export takes fp32_passthrough_names. Equal to the roles on every built-in model.
-CONTROL_PARAM_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
-
-
-def is_control_param(name: str, param: Tensor) -> bool:
-    return param.ndim < 2 or any(p in name for p in CONTROL_PARAM_PATTERNS)

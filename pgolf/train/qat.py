@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from pgolf.compress.quantizers.rows import dequantize_rows, quantize_rows, row_scales
-from pgolf.model.gpt import CastedLinear
+from pgolf.model.layers import CastedLinear
+from pgolf.model.roles import qat_eligible_names
 
 
 def fake_quantize(w: Tensor, bits: int, mode: str) -> Tensor:
@@ -33,8 +34,10 @@ def fake_quantize(w: Tensor, bits: int, mode: str) -> Tensor:
 
 
 def qat_layers(model: torch.nn.Module, pattern: str) -> list[tuple[str, CastedLinear]]:
+    """The linear layers whose weight's role allows QAT (pgolf.model.roles) and matches pattern."""
+    eligible = qat_eligible_names(model)
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, CastedLinear) and re.search(pattern, name + ".weight")]
+            if isinstance(m, CastedLinear) and name + ".weight" in eligible and re.search(pattern, name + ".weight")]
 
 
 def enable_qat(model: torch.nn.Module, bits: int, mode: str, pattern: str) -> int:

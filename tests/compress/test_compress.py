@@ -102,3 +102,19 @@ def test_training_run_exports_with_policy_and_roundtrips(tmp_path):
     assert formats(qdict)["blocks.0.mlp.fc.weight"] == ("int_per_row", 6)
     assert meta["config"]["export"]["policy"] == [["tok_emb", "fp16"]]
     assert summary["size"]["breakdown"] and sum(summary["size"]["breakdown"].values()) == summary["size"]["model_bytes"]
+
+
+def test_small_tensors_keep_the_float_width_their_role_says():
+    """The export reads parameter roles, not names: a new CONTROL parameter stays fp32 and a
+    GATE parameter is stored as fp16, whatever they are called."""
+    from pgolf.model.roles import Role, tag
+
+    cfg, model = wide_model()
+    model.new_gain = torch.nn.Parameter(torch.full((8,), 0.3))
+    model.new_gate = torch.nn.Parameter(torch.full((8,), 0.3))
+    tag(model, Role.CONTROL, "new_gain")
+    tag(model, Role.GATE, "new_gate")
+    qdict = plan_export(model, cfg, [], torch.device("cpu"), code_bytes=0).qdict
+    assert qdict["new_gain"].data.dtype == torch.float32 and qdict["new_gate"].data.dtype == torch.float16
+    assert qdict["blocks.0.attn_scale"].data.dtype == torch.float32  # CONTROL, as the official patterns say
+    assert qdict["tok_emb.weight"].data.dtype == torch.float16  # EMBEDDING, small here: the official fp16

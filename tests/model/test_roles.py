@@ -12,8 +12,9 @@ from torch import nn
 from pgolf.config import REPO_CONFIG_DIR, Config, apply_overrides, resolve_config
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, build_model
-from pgolf.model.roles import (CONTROL_PARAM_PATTERNS, ROLE_TABLE, Role, UntaggedParameterError, component_of, export_passthrough,
-                               fp32_passthrough_names, is_control_param, lr_key, param_roles, qat_eligible_names,
+from pgolf.compress.quant import CONTROL_PATTERNS
+from pgolf.model.roles import (ROLE_TABLE, Role, UntaggedParameterError, component_of, export_passthrough,
+                               fp32_passthrough_names, lr_key, param_roles, qat_eligible_names,
                                role_of, tag)
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -49,7 +50,7 @@ def shape_model(overrides: list[str]) -> GPT:
 
 def legacy_role(model: GPT, name: str, param: torch.Tensor) -> Role:
     """How pgolf classified a parameter before roles: name patterns and the module it sits in."""
-    if is_control_param(name, param):
+    if param.ndim < 2 or any(p in name for p in CONTROL_PATTERNS):
         return Role.CONTROL
     if name == "tok_emb.weight":
         return Role.EMBEDDING
@@ -131,7 +132,7 @@ def test_export_and_qat_views(tie):
     model = tiny(tie_embeddings=tie)
     names = [n for n, _ in model.named_parameters()]
     # The export's fp32 passthrough today: names containing one of the control patterns.
-    assert fp32_passthrough_names(model) == {n for n in names if any(p in n for p in CONTROL_PARAM_PATTERNS)}
+    assert fp32_passthrough_names(model) == {n for n in names if any(p in n for p in CONTROL_PATTERNS)}
     assert set(export_passthrough(model).values()) == {"fp32"}  # no GATE parameters in the baseline
     assert qat_eligible_names(model) == {n for n in names if n.startswith("blocks.") and n.endswith(".weight")}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pgolf.config import ConfigError, ModelConfig, resolve_config
-from pgolf.model.gpt import GPT, is_control_param
+from pgolf.model.gpt import GPT
+from pgolf.model.roles import Role, param_roles
 from pgolf.train.muon import Muon
 from pgolf.train.optim import use_parallel_muon
 from pgolf.train.parallel_muon import ParallelMuon, ddp_ignore, plan_buckets
@@ -142,7 +142,8 @@ def _tiny_model():
 
 
 def _matrices(model):
-    return [p for name, p in model.blocks.named_parameters() if not is_control_param(name, p)]
+    roles = param_roles(model)
+    return [p for name, p in model.named_parameters() if roles[name] is Role.MATRIX]
 
 
 def _batches(rank: int, micro: int):
