@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pgolf.config import resolve_config
+from pgolf.config.resolve import resolve_config
 from pgolf.train.bundle import bundle_modules, code_bytes_for, default_compressor
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

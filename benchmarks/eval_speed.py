@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pgolf.eval.run import EvalOptions, run_eval
-from pgolf.eval.receipt import audit_file
+from pgolf.eval.audit import audit_file
 from pgolf.eval.ttt import TTTConfig
 
 

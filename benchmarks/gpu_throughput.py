@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from pgolf.config import OFFICIAL_ENV_VARS, Config, resolve_config
+from pgolf.config import OFFICIAL_ENV_VARS, Config
+from pgolf.config.resolve import resolve_config
 
 TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_loss:([-\d.naninf]+) train_time:(\d+)ms")
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:([-\d.naninf]+) val_bpb:([-\d.naninf]+)")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pgolf.config import REPO_CONFIG_DIR, ConfigError, resolve_config
+from pgolf.config import ConfigError
+from pgolf.config.resolve import REPO_CONFIG_DIR, resolve_config
 from pgolf.lab.plan import plan_config
 from pgolf.lab.plan_cli import render
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pgolf.config import (DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, Config, ConfigError, official_env_present,
-                          data_dir_overrides, resolve_config)
+from pgolf.config import Config, ConfigError, official_env_present
+from pgolf.config.resolve import DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, data_dir_overrides, resolve_config
 from pgolf.lab.experiments import register_compare, register_run
 from pgolf.lab.ledger import LedgerHooks, register as register_ledger
 from pgolf.lab.plots import register as register_plot
@@ -194,7 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from pgolf.eval.receipt import AuditFailure, audit_file
+    from pgolf.eval.audit import AuditFailure, audit_file
 
     try:
         report = audit_file(args.receipt)
@@ -221,7 +221,7 @@ def cmd_data(args: argparse.Namespace) -> int:
                                   with_docs=args.with_docs, source_dir=args.from_dir, **kwargs)
         print(json.dumps(report, indent=2, default=str))
         return 0
-    from pgolf.data.shards import iter_documents, tokenize_to_shards
+    from pgolf.data.build import iter_documents, tokenize_to_shards
     from pgolf.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)

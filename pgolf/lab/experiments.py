@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pgolf.config import Config, ConfigError, data_dir_overrides, resolve_config
+from pgolf.config import Config, ConfigError
+from pgolf.config.resolve import data_dir_overrides, resolve_config
 from pgolf.lab.ledger import SCORED_STATUSES, LedgerHooks, Ledger, ensure_run, format_table
 from pgolf.rules import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OVER_CAP
 from pgolf.runs import RunDir, group_run_dirs

@@ -34,7 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from pgolf.config import Config, ConfigError, resolve_config
+from pgolf.config import Config, ConfigError
+from pgolf.config.resolve import resolve_config
 from pgolf.runs import RunDir, RunHooks, read_json, write_json
 
 LEDGER_NAME = "ledger.sqlite"

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pgolf.config import resolve_config
+    from pgolf.config.resolve import resolve_config
     from pgolf.lab.experiments import parse_options_and_overrides
     from pgolf.lab.plan import plan_config
 

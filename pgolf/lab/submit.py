@@ -148,7 +148,7 @@ def run_problems(r: RunRecord, bundle: bytes) -> list[str]:
     status = r.summary.get("status")
     if status not in ("done", "over_cap"):
         return [f"run {r.name}: it did not finish (status {status or 'unknown'}); only completed runs are submitted"]
-    from pgolf.eval.receipt import AuditFailure, audit_file
+    from pgolf.eval.audit import AuditFailure, audit_file
 
     problems = []
     match = None

@@ -5,7 +5,9 @@ package's other tools call (the lab, data building, audits, tests).
 A definition stays when its name occurs in live code: module-level statements, another kept
 definition, or a string (as getattr and __all__ name things). Names are matched across all
 shipped modules, so the rule keeps too much rather than too little. Decorated definitions and
-dunder names always stay: a decorator may register what it decorates.
+dunder names always stay: a decorator may register what it decorates. ``__all__`` is dropped
+unless a shipped module star-imports: it only names a module's API for ``import *`` and docs,
+and its strings would otherwise keep every definition it lists.
 """
 
 from __future__ import annotations
@@ -34,6 +36,18 @@ def _is_root(stmt: ast.stmt) -> bool:
     return not isinstance(stmt, DEFINITIONS) or bool(stmt.decorator_list) or stmt.name.startswith("__")
 
 
+def _is_all(stmt: ast.stmt) -> bool:
+    """``__all__ = [...]`` (or annotated, or extended with +=)."""
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
+    return isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and any(
+        isinstance(t, ast.Name) and t.id == "__all__" for t in targets)
+
+
+def _star_imports(trees: Iterable[ast.Module]) -> bool:
+    return any(isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names)
+               for tree in trees for node in ast.walk(tree))
+
+
 def shake(sources: Mapping[str, str], keep: Iterable[str] = ()) -> dict[str, str]:
     """The sources with every unreferenced module-level definition removed (its lines cut out
     of the text; everything else is kept as written). ``keep``: names used from outside the
@@ -41,9 +55,13 @@ def shake(sources: Mapping[str, str], keep: Iterable[str] = ()) -> dict[str, str
     trees = {name: ast.parse(source) for name, source in sources.items()}
     live: set[str] = set(keep)
     pending: list[tuple[str, ast.stmt]] = []  # definitions not yet known to be live
+    dropped: dict[str, list[ast.stmt]] = {}
+    drop_all = not _star_imports(trees.values())
     for name, tree in trees.items():
         for stmt in tree.body:
-            if _is_root(stmt):
+            if drop_all and _is_all(stmt):
+                dropped.setdefault(name, []).append(stmt)
+            elif _is_root(stmt):
                 live |= _names_in(stmt)
             else:
                 pending.append((name, stmt))
@@ -56,7 +74,6 @@ def shake(sources: Mapping[str, str], keep: Iterable[str] = ()) -> dict[str, str
                 kept.add(id(stmt))
                 live |= _names_in(stmt)
                 changed = True
-    dropped: dict[str, list[ast.stmt]] = {}
     for name, stmt in pending:
         if id(stmt) not in kept:
             dropped.setdefault(name, []).append(stmt)

@@ -6,7 +6,7 @@ import torch
 
 from pgolf.compress.container import read_artifact
 from pgolf.compress.policy import plan_export
-from pgolf.config import resolve_config
+from pgolf.config.resolve import resolve_config
 from pgolf.data.shards import write_shard
 from pgolf.model.gpt import GPT
 from pgolf.compress.quant import dequantize_state_dict

@@ -2,9 +2,8 @@ import tomllib
 
 import pytest
 
-from pgolf.config import (
-    OFFICIAL_ENV_VARS, REPO_CONFIG_DIR, Config, ConfigError, config_from_dict, flat_keys, resolve_config,
-)
+from pgolf.config import OFFICIAL_ENV_VARS, Config, ConfigError, config_from_dict, flat_keys
+from pgolf.config.resolve import REPO_CONFIG_DIR, resolve_config
 
 
 def test_defaults_are_the_official_baseline():

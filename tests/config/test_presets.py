@@ -11,7 +11,8 @@ import torch
 from pgolf.compress.container import pack_artifact, unpack_artifact
 from pgolf.cli import main as cli_main
 from pgolf.compress.policy import effective_policy, plan_export
-from pgolf.config import CAPABILITIES, REPO_CONFIG_DIR, Config, ConfigError, ModelConfig, resolve_config
+from pgolf.config import Config, ConfigError, ModelConfig
+from pgolf.config.resolve import CAPABILITIES, REPO_CONFIG_DIR, resolve_config
 from pgolf.model.gpt import GPT, count_parameters
 from pgolf.compress.quant import dequantize_state_dict, policy_bits
 

@@ -5,17 +5,16 @@ import numpy as np
 import pytest
 import torch
 
+from pgolf.data.build import iter_documents, tokenize_to_shards
 from pgolf.data.shards import (
     HEADER_BYTES,
     SHARD_MAGIC,
     DistributedTokenLoader,
     ShardError,
     TokenStream,
-    iter_documents,
     load_validation_tokens,
     read_shard,
     resolve_shards,
-    tokenize_to_shards,
     write_shard,
 )
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pgolf.eval.receipt import audit_file
+from pgolf.eval.audit import audit_file
 from pgolf.train.run import run_training
 from tests.train.test_train import tiny_config
 

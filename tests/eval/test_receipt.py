@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pgolf.cli import main as cli_main
-from pgolf.eval.receipt import AuditFailure, Receipt, _digest, audit_file, audit_receipt, state_fingerprint, write_receipt
+from pgolf.eval.audit import AuditFailure, audit_file, audit_receipt
+from pgolf.eval.receipt import Receipt, receipt_digest, state_fingerprint, write_receipt
 from pgolf.train.run import run_training
 from tests.eval.test_evaluate import tiny_gpt
 from tests.train.test_train import tiny_config
@@ -126,7 +127,7 @@ def write(tmp_path: Path, data: dict, name: str = "edited.json") -> Path:
 
 def resealed(data: dict) -> dict:
     body = {k: v for k, v in data.items() if k != "sha256"}
-    return {**body, "sha256": _digest(body)}
+    return {**body, "sha256": receipt_digest(body)}
 
 
 def first(data: dict, kind: str, index: int = 0) -> dict:
@@ -235,7 +236,7 @@ def test_overlapping_and_missing_ranges_without_updates(tmp_path):
         for lo, hi in ranges:
             r.add_score(lo, hi, "s", 1.5 * (hi - lo), hi - lo, 2 * (hi - lo))
         r.finalize()
-        return {**r.body(), "sha256": _digest(r.body())}
+        return {**r.body(), "sha256": receipt_digest(r.body())}
 
     assert audit_receipt(receipt_with([(0, 10), (10, 20)])).scored_targets == 20
     with pytest.raises(AuditFailure, match=r"scores targets \(9, 20\] but targets up to 10 were scored so far"):
@@ -314,7 +315,7 @@ def test_receipt_without_targets_fails_cleanly():
     receipt = Receipt("standard", {}, 0, "s")
     receipt.totals = {"loss_sum": 0.0, "tokens": 0, "bytes": 0, "val_loss": 0.0, "val_bpb": 0.0}
     with pytest.raises(AuditFailure):
-        audit_receipt({**receipt.body(), "sha256": _digest(receipt.body())})
+        audit_receipt({**receipt.body(), "sha256": receipt_digest(receipt.body())})
 
 
 def test_edited_val_loss_fails_the_audit(ttt_receipt, tmp_path):
@@ -331,7 +332,7 @@ def test_backward_range_cannot_score_targets_twice():
     receipt.add_score(5, 10, "s", 4.0, 5, 15)
     receipt.finalize()
     with pytest.raises(AuditFailure):
-        audit_receipt({**receipt.body(), "sha256": _digest(receipt.body())})
+        audit_receipt({**receipt.body(), "sha256": receipt_digest(receipt.body())})
 
 
 def test_receipt_file_is_never_overwritten(tmp_path):

@@ -325,7 +325,7 @@ def test_two_gloo_processes_all_reduce_to_the_single_process_sums(tmp_path):
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared FineWeb sample not present")
 def test_sliding_beats_standard_on_a_model_trained_on_fineweb(tmp_path):
-    from pgolf.config import resolve_config
+    from pgolf.config.resolve import resolve_config
     from pgolf.data.shards import load_validation_tokens
     from pgolf.eval.run import load_target
     from pgolf.model.gpt import build_model

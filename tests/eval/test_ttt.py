@@ -15,7 +15,8 @@ import pgolf.eval.ttt as ttt_module
 from pgolf.eval.windows import ScoreSums, score_windows, window_plan
 from pgolf.eval.run import load_target
 from pgolf.model.gpt import build_model
-from pgolf.eval.receipt import AuditFailure, _digest, audit_file, audit_receipt, state_fingerprint, write_receipt
+from pgolf.eval.audit import AuditFailure, audit_file, audit_receipt
+from pgolf.eval.receipt import receipt_digest, state_fingerprint, write_receipt
 from pgolf.data.tokenizer import ByteTokenizer
 from pgolf.train.run import run_training
 from pgolf.eval.ttt import TTTConfig, chunk_lr, run_ttt
@@ -157,7 +158,7 @@ def test_ttt_receipt_passes_the_audit_and_chains_states(trained, tmp_path):
     report = audit_file(path)
     assert (report.kind, report.scored_targets, report.updates) == ("ttt", N_TOKENS - 1, n - 1)
     assert report.val_bpb == totals["val_bpb"]
-    assert audit_receipt({**receipt.body(), "sha256": _digest(receipt.body())}) == report
+    assert audit_receipt({**receipt.body(), "sha256": receipt_digest(receipt.body())}) == report
 
 
 def test_chunk_zero_is_scored_before_any_update(trained):

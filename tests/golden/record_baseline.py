@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from pgolf.compress.container import read_artifact
-from pgolf.config import Config, resolve_config
+from pgolf.config import Config
+from pgolf.config.resolve import resolve_config
 from pgolf.model.gpt import GPT
 from pgolf.compress.quant import dequantize_state_dict
 from pgolf.runs import read_metrics

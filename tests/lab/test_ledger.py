@@ -12,7 +12,8 @@ import pytest
 
 from pgolf.lab import ledger as ledger_mod
 from pgolf.cli import main as cli_main
-from pgolf.config import Config, resolve_config
+from pgolf.config import Config
+from pgolf.config.resolve import resolve_config
 from pgolf.lab.ledger import Ledger, LedgerHooks, config_diff, config_hash, ensure_run, git_commit, ledger_path
 from pgolf.train.run import run_training
 from tests.train.test_train import TINY_MODEL, TINY_TRAIN, synthetic_overrides, tiny_config

@@ -13,7 +13,8 @@ from pgolf.compress.container import pack_artifact
 from pgolf.cli import main as cli_main
 from pgolf.rules import EXIT_OVER_CAP
 from pgolf.compress.policy import plan_export
-from pgolf.config import resolve_config, set_key
+from pgolf.config import set_key
+from pgolf.config.resolve import resolve_config
 from pgolf.lab.plan import (build_initial_model, count_flops, count_parameters_by_component, estimate_artifact,
                         measured_throughput, plan_config, step_budget)
 from pgolf.lab.plan_weights import DEFAULT_LAWS, laws_from_run, standard_draw

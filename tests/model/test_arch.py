@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from pgolf.config import ConfigError, ModelConfig, resolve_config
+from pgolf.config import ConfigError, ModelConfig
+from pgolf.config.resolve import resolve_config
 from pgolf.model.gpt import GPT
 from pgolf.model.layout import block_schedule
 from pgolf.model.mlp import MLP, MLP_VARIANTS, gated_hidden_size, mlp_hidden_size
-from pgolf.eval.receipt import audit_file
+from pgolf.eval.audit import audit_file
 from pgolf.runs import read_metrics
 from pgolf.train.run import run_training
 from tests.model.test_model import randomise

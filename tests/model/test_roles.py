@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from pgolf.config import REPO_CONFIG_DIR, Config, apply_overrides, resolve_config
+from pgolf.config import Config, apply_overrides
+from pgolf.config.resolve import REPO_CONFIG_DIR, resolve_config
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, build_model
 from pgolf.compress.quant import CONTROL_PATTERNS

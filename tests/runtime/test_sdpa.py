@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pgolf.runtime import sdpa
-from pgolf.config import ConfigError, resolve_config
+from pgolf.config import ConfigError
+from pgolf.config.resolve import resolve_config
 
 SHAPE = sdpa.AttentionShape(batch=1, heads=2, kv_heads=1, seq_len=16, head_dim=8)
 

@@ -239,3 +239,11 @@ def test_shake_drops_only_what_nothing_shipped_refers_to():
     assert "def unused" not in kept and "class Dead" not in kept
     exec(compile(kept, "pgolf/a.py", "exec"), {})  # still a valid module
 
+
+def test_shake_drops_all_unless_a_shipped_module_star_imports():
+    listed = "__all__ = ['used', 'unused']\n\n\ndef used():\n    return 1\n\n\ndef unused():\n    return 2\n"
+    shaken = shake({"pgolf.a": listed, "pgolf.b": "from pgolf.a import used\n\nVALUE = used()\n"})["pgolf.a"]
+    assert "__all__" not in shaken and "def unused" not in shaken and "def used" in shaken
+    starred = shake({"pgolf.a": listed, "pgolf.b": "from pgolf.a import *\n"})["pgolf.a"]
+    assert starred == listed  # `import *` reads __all__, and every name it lists stays
+

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pgolf.config import ConfigError, ModelConfig, resolve_config
+from pgolf.config import ConfigError, ModelConfig
+from pgolf.config.resolve import resolve_config
 from pgolf.train.losses import model_loss, reference_softcapped_cross_entropy, softcapped_cross_entropy
 from pgolf.model.gpt import GPT
 

@@ -414,7 +414,8 @@ def test_adam_weight_decay_is_decoupled():
 
 
 def test_weight_decay_config_is_validated():
-    from pgolf.config import ConfigError, resolve_config
+    from pgolf.config import ConfigError
+    from pgolf.config.resolve import resolve_config
 
     cfg, _ = resolve_config(None, ["optim.muon_wd=0.02", "optim.adam_wd=0.01"], env={})
     assert (cfg.optim.muon_wd, cfg.optim.adam_wd) == (0.02, 0.01)
@@ -480,7 +481,8 @@ def test_muon_batched_matches_per_matrix_muon():
 
 
 def test_batched_ns_switch():
-    from pgolf.config import ConfigError, resolve_config
+    from pgolf.config import ConfigError
+    from pgolf.config.resolve import resolve_config
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(**TINY))

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pgolf.config import ConfigError, ModelConfig, resolve_config
+from pgolf.config import ConfigError, ModelConfig
+from pgolf.config.resolve import resolve_config
 from pgolf.model.gpt import GPT
 from pgolf.model.roles import Role, param_roles
 from pgolf.train.muon import Muon

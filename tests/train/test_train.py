@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pgolf.compress.container import read_artifact
-from pgolf.eval.receipt import audit_file
+from pgolf.eval.audit import audit_file
 from pgolf.cli import main as cli_main
-from pgolf.config import resolve_config
+from pgolf.config.resolve import resolve_config
 from pgolf.runs import RunError, read_metrics
 from pgolf.data.tokenizer import TokenizerError
 from pgolf.train.run import Trainer, run_training

@@ -1,0 +1,114 @@
+"""Resolving a run's config from a preset: finding and loading the TOML presets, the
+capabilities a preset may require, the order of resolution, and `--data DIR`.
+
+Resolution order (later wins): dataclass defaults (= the official baseline) < preset TOML
+< official environment variables (NUM_LAYERS=..., as `train_gpt.py` reads them) <
+command-line `section.key=value` overrides. The resolved config is saved with every run, so a
+shipped train_gpt.py starts from a saved config (pgolf.config.config_from_dict) and never
+reads presets: this module stays out of it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from pgolf.config import Config, ConfigError, apply_env, apply_mapping, apply_overrides, validate
+
+REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_PRESET = "smoke"
+# With official environment variables set (an official run command), the defaults are the
+# official baseline's, as in train_gpt.py, not the smoke run's.
+OFFICIAL_DEFAULT_PRESET = "baseline"
+
+
+def find_preset(name_or_path: str) -> Path:
+    """A preset path, or a bare name looked up in ./configs and the repository's configs/."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name if path.suffix == ".toml" else f"{path.name}.toml"
+    candidates = [Path("configs") / stem, REPO_CONFIG_DIR / stem]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in REPO_CONFIG_DIR.glob("*.toml")) if REPO_CONFIG_DIR.is_dir() else []
+    raise ConfigError(
+        f"preset '{name_or_path}' not found (looked at {path}, {', '.join(str(c) for c in candidates)}); "
+        f"available presets: {', '.join(available) or 'none'}"
+    )
+
+
+# What a preset may list in its top-level `requires = [...]`: the techniques this version of
+# pgolf implements. A preset naming anything else is refused instead of silently run without it.
+CAPABILITIES = frozenset({
+    "relu2", "leaky_relu2", "swiglu", "gelu", "silu",  # model.mlp
+    "recurrence", "middle_cycle",  # model.recurrence, model.cycle_*
+    "muon_wd",  # optim.muon_wd
+    "fp16_embedding", "mixed_bits", "gptq", "bit_allocation",  # export.*
+    "qat",  # qat.*
+    "sliding_eval", "ttt",  # train.eval_stride, pgolf eval --stride / --ttt
+})
+
+
+def check_requires(requires: Any, origin: str) -> None:
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        raise ConfigError(f'{origin}: requires must be a list of capability names, e.g. requires = ["swiglu"]')
+    for name in requires:
+        if name not in CAPABILITIES:
+            raise ConfigError(f"preset {origin} requires capability '{name}', which this version of pgolf does not "
+                              f"have (it has: {', '.join(sorted(CAPABILITIES))})")
+
+
+def load_preset(config: Config, name_or_path: str) -> Path:
+    path = find_preset(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"preset {path} is not valid TOML: {exc}") from None
+    check_requires(data.pop("requires", []), str(path))
+    apply_mapping(config, data, origin=str(path))
+    return path
+
+
+def resolve_config(
+    preset: str | None = DEFAULT_PRESET,
+    overrides: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[Config, list[str]]:
+    """Build the run config; returns it and the official env vars that were applied."""
+    env = os.environ if env is None else env
+    config = Config()
+    if preset:
+        load_preset(config, preset)
+    applied = apply_env(config, env)
+    apply_overrides(config, overrides or [])
+    validate(config)
+    return config, applied
+
+
+def data_dir_overrides(data_dir: Path, user_overrides: list[str]) -> list[str]:
+    """--data DIR: official shards in DIR; its tokenizer and vocabulary unless overridden."""
+    if not data_dir.is_dir():
+        raise ConfigError(f"--data {data_dir}: not a directory")
+    out = ["data.source=shards", f"data.data_path={data_dir}"]
+    user_keys = {o.split("=", 1)[0].strip() for o in user_overrides}
+    for key, pattern in (("data.train_pattern", "fineweb_train_*.bin"), ("data.val_pattern", "fineweb_val_*.bin")):
+        if key not in user_keys:
+            out.append(f"{key}={pattern}")
+    if "data.tokenizer_path" not in user_keys:
+        models = sorted(data_dir.glob("*.model"))
+        if len(models) == 1:
+            out.append(f"data.tokenizer_path={models[0]}")
+        elif len(models) > 1:
+            raise ConfigError(f"--data {data_dir}: several tokenizers ({', '.join(m.name for m in models)}); "
+                              "choose one with data.tokenizer_path=...")
+        else:
+            raise ConfigError(f"--data {data_dir}: no SentencePiece .model file in it; pass data.tokenizer_path=PATH")
+        if "model.vocab_size" not in user_keys:
+            from pgolf.data.tokenizer import load_tokenizer
+
+            out.append(f"model.vocab_size={load_tokenizer(models[0]).vocab_size}")
+    return out
