@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from pgolf.compress.config import ExportConfig
 from pgolf.data.config import DataConfig
 from pgolf.model.config import ModelConfig
-from pgolf.train.config import OptimConfig, QATConfig, RunConfig, TrainConfig
+from pgolf.train.config import EMAConfig, OptimConfig, QATConfig, RunConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -29,6 +29,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     qat: QATConfig = field(default_factory=QATConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -297,6 +298,10 @@ def validate(config: Config) -> None:
         problems.append("optim.parallel_muon=on keeps matrix gradients unsynchronised until the optimizer step, "
                         "so train.grad_clip_norm cannot see them: set train.grad_clip_norm=0 or "
                         "optim.parallel_muon=off")
+    for section in dataclasses.fields(config):  # sections that check themselves (techniques)
+        check = getattr(getattr(config, section.name), "problems", None)
+        if check is not None:
+            problems.extend(check())
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 

@@ -9,7 +9,7 @@ last good checkpoint. Loading uses torch.load(weights_only=True): no code is exe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,10 +25,22 @@ class Checkpoint:
     optimizers: list
     loader: dict
     world_size: int
+    callbacks: dict = field(default_factory=dict)  # callback name -> its state_dict()
 
 
 def _save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _to_cpu(tree):
+    """Tensors of a nested dict/list moved to the CPU (a callback's state may hold device tensors)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
 
 
 def save_checkpoint(ckpt_dir: Path, ckpt: Checkpoint, rank: int, barrier=lambda: None) -> Path:
@@ -39,9 +51,10 @@ def save_checkpoint(ckpt_dir: Path, ckpt: Checkpoint, rank: int, barrier=lambda:
     barrier()
     if rank == 0:
         cpu_model = {k: v.detach().cpu() for k, v in ckpt.model.items()}
+        callbacks = _to_cpu(ckpt.callbacks)
         _save(
             {"step": ckpt.step, "training_time_ms": ckpt.training_time_ms, "model": cpu_model,
-             "loader": ckpt.loader, "world_size": ckpt.world_size},
+             "loader": ckpt.loader, "world_size": ckpt.world_size, "callbacks": callbacks},
             main,
         )
     return main
@@ -59,4 +72,4 @@ def load_checkpoint(path: Path, rank: int, world_size: int, map_location="cpu") 
         raise RuntimeError(f"checkpoint {path} is incomplete: {opt_path.name} is missing; resume an earlier step")
     optimizers = torch.load(opt_path, map_location=map_location, weights_only=True)
     return Checkpoint(shared["step"], shared["training_time_ms"], shared["model"], optimizers,
-                      shared["loader"], shared["world_size"])
+                      shared["loader"], shared["world_size"], shared.get("callbacks", {}))  # none before callbacks

@@ -1,4 +1,4 @@
-"""The training config sections: [train], [optim], [qat], [run]."""
+"""The training config sections: [train], [optim], [qat], [ema], [run]."""
 
 from __future__ import annotations
 
@@ -72,6 +72,17 @@ class QATConfig:
     bits: int = 6
     mode: str = "ste"  # ste | noise
     pattern: str = r"^blocks\."  # regex over parameter names of the linear layers it applies to
+
+
+@dataclass
+class EMAConfig:
+    # An exponential moving average of the weights, evaluated and exported in their place
+    # (pgolf.train.averaging): ema <- decay * ema + (1 - decay) * w after every step.
+    enabled: bool = False
+    decay: float = 0.997  # the #549 record's
+
+    def problems(self) -> list[str]:
+        return [] if 0.0 < self.decay < 1.0 else [f"ema.decay must be within (0, 1), got {self.decay}"]
 
 
 @dataclass

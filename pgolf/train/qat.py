@@ -1,7 +1,7 @@
 """Quantization-aware training: the linear layers see their weights as the export will store them.
 
-Two modes, switched on late in training (`qat.start_frac` of the wall-clock budget, or of the
-iterations when there is no cap):
+A training callback (QATCallback); two modes, switched on late in training (`qat.start_frac` of
+the wall-clock budget, or of the iterations when there is no cap):
 - "ste": straight-through fake quantization, w + (quant(w) - w).detach(): the forward pass uses
   per-row symmetric intN weights (pgolf.compress.quantizers.rows, the export's quantizer without
   its clip search), the gradient flows to w unchanged;
@@ -20,6 +20,8 @@ from torch import Tensor
 from pgolf.compress.quantizers.rows import dequantize_rows, quantize_rows, row_scales
 from pgolf.model.layers import CastedLinear
 from pgolf.model.roles import qat_eligible_names
+from pgolf.train.callbacks import TrainCallback
+from pgolf.train.config import QATConfig
 
 
 def fake_quantize(w: Tensor, bits: int, mode: str) -> Tensor:
@@ -67,3 +69,28 @@ def qat_suspended(model: torch.nn.Module):
     finally:
         for m, transform in saved.items():
             m.weight_transform = transform
+
+
+class QATCallback(TrainCallback):
+    """Fake quantization switched on once `qat.start_frac` of training has passed; validation
+    scores the plain weights; the export quantizes for real."""
+
+    name = "qat"
+
+    def __init__(self, cfg: QATConfig):
+        self.cfg = cfg
+        self.active = False
+
+    def on_step_start(self, trainer, progress: float) -> None:
+        if self.active or progress < self.cfg.start_frac:
+            return
+        n = enable_qat(trainer.base_model, self.cfg.bits, self.cfg.mode, self.cfg.pattern)
+        self.active = True
+        trainer.logger.log(f"qat: {self.cfg.mode} int{self.cfg.bits} on {n} linear layers from step {trainer.step}")
+        trainer.logger.event("qat", step=trainer.step, layers=n, bits=self.cfg.bits, mode=self.cfg.mode)
+
+    def eval_weights(self, trainer):
+        return qat_suspended(trainer.base_model)
+
+    def before_export(self, trainer) -> None:
+        disable_qat(trainer.base_model)

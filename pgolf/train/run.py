@@ -16,7 +16,6 @@ from pgolf.runtime.distributed import DistInfo, setup_distributed, teardown_dist
 from pgolf.runtime.sdpa import attention_shape, sdpa_backend
 from pgolf.train.checkpoint import load_checkpoint
 from pgolf.train.export import export_and_roundtrip, size_to_dict
-from pgolf.train.qat import disable_qat
 from pgolf.train.trainer import Trainer, configure_backends, prepare_data, run_loop, save_good_checkpoint
 
 
@@ -136,7 +135,7 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
             write_json(summary_path, summary)
         return summary
 
-    disable_qat(trainer.base_model)  # the export quantizes for real from here on
+    trainer.before_export()  # the callbacks leave the weights to export (QAT off, EMA applied)
     save_good_checkpoint(trainer, ckpt_dir, logger)
     pre = trainer.validate()
     logger.log(f"final pre-quant val_loss:{pre.val_loss:.4f} val_bpb:{pre.val_bpb:.4f}")

@@ -10,6 +10,7 @@ import importlib.util
 from typing import Callable
 
 from pgolf.config import Config
+from pgolf.train.callbacks import CALLBACKS
 
 BUNDLE_NAME = "train_gpt.py"
 # Every module that pgolf imports only inside functions, with the configs that need it: it is
@@ -22,6 +23,7 @@ OPTIONAL_MODULES: dict[str, Callable[[Config], bool]] = {
     "pgolf.compress.allocate": lambda cfg: cfg.export.allocate,
     "pgolf.train.losses": lambda cfg: cfg.train.fused_loss != "off",  # auto: on for CUDA
     "pgolf.train.parallel_muon": lambda cfg: cfg.optim.parallel_muon != "off",  # auto: on for CUDA, world size > 1
+    **dict(CALLBACKS.values()),  # a training callback's module, when its section switches it on
     "pgolf.train.bundle": lambda cfg: False,  # packing; inside a bundle the running file is what counts
 }
 

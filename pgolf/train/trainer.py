@@ -8,6 +8,7 @@ the same tokens whatever N is.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -34,7 +35,7 @@ from pgolf.train.lr import lr_scale
 from pgolf.train.muon import orthogonalize
 from pgolf.train.optim import Optimizers, build_optimizers, muon_momentum_at, resolve_switch, use_parallel_muon
 from pgolf.train.progress import TrainProgress
-from pgolf.train.qat import enable_qat, qat_suspended
+from pgolf.train.callbacks import CALLBACKS, TrainCallback
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,6 +92,21 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def build_callbacks(cfg) -> list[TrainCallback]:
+    """The callbacks cfg switches on, in CALLBACKS order. The imports are written out (not
+    computed) so the bundler can read them."""
+    callbacks: list[TrainCallback] = []
+    if CALLBACKS["qat"][1](cfg):
+        from pgolf.train.qat import QATCallback
+
+        callbacks.append(QATCallback(cfg.qat))
+    if CALLBACKS["ema"][1](cfg):
+        from pgolf.train.averaging import EMACallback
+
+        callbacks.append(EMACallback(cfg.ema))
+    return callbacks
+
+
 class Trainer:
     """Owns the model, optimizers and data stream of one run and steps them."""
 
@@ -130,17 +146,27 @@ class Trainer:
                                              prefetch=resolve_switch(cfg.data.prefetch, info.device.type == "cuda"))
         self.step = 0
         self.training_time_ms = 0.0
+        self.callbacks = build_callbacks(cfg)  # QAT, EMA, ...: pgolf.train.callbacks
+        for callback in self.callbacks:
+            callback.on_train_start(self)
 
     # --- state -----------------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(self.step, self.training_time_ms, self.base_model.state_dict(),
-                          self.optimizers.state_dict(), self.loader.state_dict(), self.info.world_size)
+                          self.optimizers.state_dict(), self.loader.state_dict(), self.info.world_size,
+                          {cb.name: cb.state_dict() for cb in self.callbacks})
 
     def restore(self, ckpt: Checkpoint) -> None:
         self.base_model.load_state_dict(ckpt.model, strict=True)
         self.optimizers.load_state_dict(ckpt.optimizers)
         self.loader.load_state_dict(ckpt.loader)
         self.step, self.training_time_ms = ckpt.step, ckpt.training_time_ms
+        for callback in self.callbacks:
+            if callback.name in ckpt.callbacks:
+                callback.load_state_dict(ckpt.callbacks[callback.name])
+            elif callback.state_dict():
+                raise RuntimeError(f"checkpoint at step {ckpt.step} has no state for '{callback.name}', which this run "
+                                   f"uses; resume with the config the checkpoint was written with")
 
     # --- steps -----------------------------------------------------------------------------
     def train_step(self, scale: float) -> Tensor:
@@ -178,10 +204,17 @@ class Trainer:
         self.optimizers.zero_grad()
 
     def validate(self, stride: int | None = None) -> EvalResult:
-        """Score the weights themselves: quantization-aware-training hooks are off meanwhile.
-        stride None is the standard evaluation; smaller slides the windows."""
-        with qat_suspended(self.base_model):
+        """Score the weights the callbacks say (the plain weights under QAT, the average under
+        EMA). stride None is the standard evaluation; smaller slides the windows."""
+        with contextlib.ExitStack() as stack:
+            for callback in self.callbacks:
+                stack.enter_context(callback.eval_weights(self))
             return self._validate(stride)
+
+    def before_export(self) -> None:
+        """The training is over: the callbacks leave in the model the weights to export."""
+        for callback in self.callbacks:
+            callback.before_export(self)
 
     def _validate(self, stride: int | None = None) -> EvalResult:
         return evaluate_bpb(self.fast_model, self.data.val_tokens, self.data.luts, self.cfg.train.train_seq_len,
@@ -239,7 +272,6 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
     clock = TrainClock(info, trainer.training_time_ms)
     recompiles = RecompileWatch(enabled=trainer.compiled)
     now_ms = trainer.training_time_ms
-    qat_pending = cfg.qat.enabled
     try:
         with progress:
             clock.start()
@@ -257,14 +289,13 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
                                f"val_bpb:{res.val_bpb:.4f} train_time:{now_ms:.0f}ms")
                     logger.event("val", step=trainer.step, train_time_ms=now_ms, **res.to_dict())
                     clock.start()
-                if qat_pending and _progress(trainer.step, now_ms, cfg) >= cfg.qat.start_frac:
-                    n = enable_qat(trainer.base_model, cfg.qat.bits, cfg.qat.mode, cfg.qat.pattern)
-                    qat_pending = False
-                    logger.log(f"qat: {cfg.qat.mode} int{cfg.qat.bits} on {n} linear layers from step {trainer.step}")
-                    logger.event("qat", step=trainer.step, layers=n, bits=cfg.qat.bits, mode=cfg.qat.mode)
+                for callback in trainer.callbacks:
+                    callback.on_step_start(trainer, _progress(trainer.step, now_ms, cfg))
                 scale = lr_scale(trainer.step, now_ms, tcfg)
                 recompiles.before_step()
                 loss_value = trainer.train_step(scale).item()
+                for callback in trainer.callbacks:
+                    callback.on_step_end(trainer)
                 if new_graphs := recompiles.after_step():
                     logger.log(f"recompile: step {trainer.step + 1} compiled {new_graphs} new graph(s) after warmup "
                                f"(a shape or guard changed; the step stalled while compiling)")
