@@ -20,6 +20,7 @@ import torch
 from pgolf.compress.container import pack_artifact, read_artifact
 from pgolf.compress.quant import dequantize_state_dict, quantize_state_dict
 from pgolf.config import Config, apply_mapping, apply_overrides, validate
+from pgolf.config.resolve import CAPABILITIES
 from pgolf.model.gpt import GPT
 from pgolf.model.registry import SLOTS
 from pgolf.model.roles import export_passthrough, param_roles
@@ -85,8 +86,9 @@ def run_overrides(mapping: dict, shape: dict | None = None) -> list[str]:
     return [o for o in as_overrides(mapping) if (key := o.split("=")[0].split(".")[1]) not in TINY or key in shape]
 
 
-def test_every_entry_is_checked():
+def test_every_entry_is_checked_and_can_be_required_by_a_preset():
     assert MODEL_ENTRIES and set(CALLBACK_ON) == set(CALLBACKS)
+    assert {name for _, name in MODEL_ENTRIES} | set(CALLBACKS) <= CAPABILITIES
 
 
 @pytest.mark.parametrize("field, name", MODEL_ENTRIES, ids=[f"{f}={n}" for f, n in MODEL_ENTRIES])

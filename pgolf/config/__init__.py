@@ -124,15 +124,14 @@ def _coerce(value: Any, target_type: str, key: str) -> Any:
 
 
 def _parse_list(value: Any) -> list:
-    """A TOML list as is; on the command line 'pattern:value,pattern:value' pairs."""
+    """A TOML list as is; on the command line comma-separated items: 'pattern:value' pairs
+    (export.policy) or plain names (model.embed=a,b). Each key's validation checks the form."""
     if isinstance(value, list):
         return [list(item) if isinstance(item, (list, tuple)) else item for item in value]
     items = []
     for part in filter(None, (p.strip() for p in str(value).split(","))):
         pattern, sep, spec = part.rpartition(":")
-        if not sep:
-            raise ValueError(value)
-        items.append([pattern, int(spec) if spec.isdigit() else spec])
+        items.append([pattern, int(spec) if spec.isdigit() else spec] if sep else part)
     return items
 
 

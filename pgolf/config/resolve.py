@@ -43,12 +43,15 @@ def find_preset(name_or_path: str) -> Path:
 
 # What a preset may list in its top-level `requires = [...]`: the techniques this version of
 # pgolf implements. A preset naming anything else is refused instead of silently run without it.
+# Written out (this module stays torch-free); tests/test_technique_contract.py checks that every
+# registry entry and training callback is here.
 CAPABILITIES = frozenset({
+    "gqa", "rope",  # model.attention, model.position
     "relu2", "leaky_relu2", "swiglu", "gelu", "silu",  # model.mlp
-    "recurrence", "middle_cycle",  # model.recurrence, model.cycle_*
+    "unet", "recurrence", "middle_cycle",  # model.layout (or model.recurrence, model.cycle_*)
     "muon_wd",  # optim.muon_wd
     "fp16_embedding", "mixed_bits", "gptq", "bit_allocation",  # export.*
-    "qat",  # qat.*
+    "qat", "ema",  # training callbacks: qat.*, ema.*
     "sliding_eval", "ttt",  # train.eval_stride, pgolf eval --stride / --ttt
 })
 

@@ -136,7 +136,8 @@ def test_requires_is_not_a_config_section(tmp_path):
 
 # A capability is listed only with the switch that provides it: each one resolves here.
 CAPABILITY_SWITCHES = {
-    "relu2": ["model.mlp=relu2"], "leaky_relu2": ["model.mlp=leaky_relu2"], "swiglu": ["model.mlp=swiglu"],
+    "gqa": ["model.attention=gqa"], "rope": ["model.position=rope"], "unet": ["model.layout=unet"],
+    "ema": ["ema.enabled=true"], "relu2": ["model.mlp=relu2"], "leaky_relu2": ["model.mlp=leaky_relu2"], "swiglu": ["model.mlp=swiglu"],
     "gelu": ["model.mlp=gelu"], "silu": ["model.mlp=silu"], "recurrence": ["model.recurrence=2"],
     "middle_cycle": ["model.num_layers=3", "model.cycle_stem=1", "model.cycle_core=1", "model.cycle_repeats=2",
                      "model.cycle_tail=1"],
