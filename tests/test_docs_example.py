@@ -13,7 +13,7 @@ from pgolf.compress.quant import dequantize_state_dict, quantize_state_dict
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
 from pgolf.model.registry import EMBEDDING_ADDONS
-from pgolf.model.roles import Role, export_passthrough, param_roles
+from pgolf.model.roles import Role, export_treatment, param_roles
 from pgolf.train.optim import build_optimizers
 from pgolf.train.config import OptimConfig
 from tests.model.test_registry import TINY
@@ -45,7 +45,7 @@ def test_the_worked_example_keeps_the_contract(example, one_cpu_thread):
     loss = model(x, x)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(model.embed_addons[0].gate.grad).all()
-    qdict = quantize_state_dict(model.state_dict(), float_passthrough=export_passthrough(model))[0]
+    qdict = quantize_state_dict(model.state_dict(), roles=export_treatment(model))[0]
     assert qdict["embed_addons.0.gate"].data.dtype == torch.float16  # GATE: fp16 passthrough
     restored = GPT(ModelConfig(**TINY, embed=["prev_token_mix"]))
     restored.load_state_dict(dequantize_state_dict(unpack_artifact(pack_artifact(qdict, meta={}))[0]), strict=True)

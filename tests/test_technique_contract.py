@@ -23,7 +23,7 @@ from pgolf.config import Config, apply_mapping, apply_overrides, validate
 from pgolf.config.resolve import CAPABILITIES
 from pgolf.model.gpt import GPT
 from pgolf.model.registry import SLOTS
-from pgolf.model.roles import export_passthrough, param_roles
+from pgolf.model.roles import export_treatment, param_roles
 from pgolf.runs import read_metrics
 from pgolf.train.bundle import bundle_modules
 from pgolf.train.callbacks import CALLBACKS
@@ -121,7 +121,7 @@ def test_callback(name, tmp_path):
 
 
 def quantized(model):
-    return quantize_state_dict(model.state_dict(), float_passthrough=export_passthrough(model))[0]
+    return quantize_state_dict(model.state_dict(), roles=export_treatment(model))[0]
 
 
 def read_artifact_from(blob: bytes):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pgolf.compress.config import ExportConfig
-from pgolf.model.roles import export_passthrough
+from pgolf.model.roles import export_treatment
 from pgolf.compress.quant import (KEEP_FLOAT_MAX_NUMEL, SCHEMES, QuantizedTensor, QuantStats, policy_bits,
                                   quantize_state_dict)
 from pgolf.rules import SIZE_CAP_BYTES
@@ -65,7 +65,7 @@ def plan_export(model: torch.nn.Module, cfg, train_files: list[Path], device: to
     if e.allocate:
         bits_for = _allocate(state, cfg, hessians, bits_for, code_bytes, lines)
     qdict, stats = quantize_state_dict(state, scheme=e.scheme, bits_for=bits_for, clip_search=CLIP_SEARCH[e.clip_search],
-                                       float_passthrough=export_passthrough(model))
+                                       roles=export_treatment(model))
     if e.gptq:
         _apply_gptq(state, qdict, hessians, cfg, lines)
     return ExportPlan(qdict, stats, time.perf_counter() - start, lines)

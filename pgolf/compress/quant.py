@@ -6,9 +6,9 @@ numerics exactly (``quantize_state_dict_int8`` in openai/parameter-golf
 
 * non-float tensors are passed through unchanged (kind ``"raw"``);
 * float tensors with at most ``KEEP_FLOAT_MAX_NUMEL`` elements are kept as float
-  (kind ``"float"``): control tensors (name contains one of ``CONTROL_PATTERNS``)
-  as fp32, other fp32/bf16 tensors stored as fp16 and cast back to their original
-  dtype on load, any other float dtype unchanged;
+  (kind ``"float"``): control tensors (name contains one of ``CONTROL_PATTERNS``, or,
+  for pgolf's models, their role says fp32) as fp32, other fp32/bf16 tensors stored as
+  fp16 and cast back to their original dtype on load, any other float dtype unchanged;
 * larger 2-D float tensors get symmetric int8 with one fp16 scale per row
   (kind ``"int8_per_row"``); the clip value of a row is the
   ``CLIP_PERCENTILE``-th percentile of its absolute values (``torch.quantile``,
@@ -59,11 +59,9 @@ __all__ = [
     "policy_bits", "check_bits_spec",
 ]
 
-# The model's small "control" tensors (gains, mixes, skip weights) stay fp32 in the export;
-# the optimizer groups them apart by the same names.
 # The official export's control tensors (train_gpt.py's CONTROL_TENSOR_NAME_PATTERNS): small float
-# tensors kept in fp32 when no roles are given. pgolf's own models pass their roles instead
-# (pgolf.model.roles.export_passthrough), which pick the same tensors for the baseline.
+# tensors kept in fp32 when no role says otherwise. pgolf's own models pass their parameters'
+# roles (pgolf.model.roles.export_treatment), which pick the same tensors for the baseline.
 CONTROL_PATTERNS: tuple[str, ...] = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
 KEEP_FLOAT_MAX_NUMEL = 65_536
 
@@ -190,7 +188,7 @@ def _format_of(qt: QuantizedTensor) -> str:
 def quantize_state_dict(
     state_dict: dict[str, torch.Tensor], scheme: str = "int8", bits_for: BitsFor | None = None,
     clip_search: bool | None = None, grid: Sequence[float] | None = None,
-    float_passthrough: Mapping[str, str] | None = None,
+    roles: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, QuantizedTensor], QuantStats]:
     """Quantize every tensor of ``state_dict`` (order kept).
 
@@ -207,9 +205,11 @@ def quantize_state_dict(
     per-row int8 with clip search; False uses the max-abs clip for per-row intN (and the
     official int8 where it applies).
 
-    ``float_passthrough``: {name: "fp32" | "fp16"} from the parameters' roles
-    (pgolf.model.roles.export_passthrough): the small float tensors named "fp32" stay fp32, the
-    others are stored as fp16. None: the official name patterns (CONTROL_PATTERNS) decide."""
+    ``roles``: {parameter name: "scheme" | "fp32" | "fp16"} from the parameters' roles
+    (pgolf.model.roles.export_treatment): a small float tensor stays fp32 when its role says
+    "fp32" and is stored as fp16 otherwise. Tensors without a role (buffers, a second name of
+    a shared parameter) and every tensor when ``roles`` is None follow the official name
+    patterns (CONTROL_PATTERNS)."""
     try:
         default_bits = SCHEMES[scheme]
     except KeyError:
@@ -224,7 +224,8 @@ def quantize_state_dict(
             spec = check_bits_spec(bits_for(name, tensor), f"bits_for({name!r})")
         if spec is None and tensor.ndim == 2 and not official_int8:
             spec = default_bits
-        keep_fp32 = None if float_passthrough is None else float_passthrough.get(name) == "fp32"
+        role = roles.get(name) if roles is not None else None
+        keep_fp32 = None if role is None else role == "fp32"
         qt = quantize_tensor(name, tensor, spec, clip_search=search, grid=grid, keep_fp32=keep_fp32)
         out[name] = qt
         stats.param_count += tensor.numel()

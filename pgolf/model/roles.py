@@ -134,12 +134,17 @@ def component_of(model: nn.Module, name: str) -> str:
 
 # ------------------------------------------------------------------ for the export and QAT
 
+def export_treatment(model: nn.Module) -> dict[str, str]:
+    """{parameter name: "scheme" | "fp32" | "fp16"}: how the export stores each parameter by its
+    role. "scheme": export.scheme / policy decide; the floats: kept as that float whatever the
+    scheme (CONTROL fp32, GATE fp16). The export's small-tensor rule (KEEP_FLOAT_MAX_NUMEL)
+    stores every other small float tensor as fp16."""
+    return {name: ROLE_TABLE[role].export for name, role in param_roles(model).items()}
+
+
 def export_passthrough(model: nn.Module) -> dict[str, str]:
-    """{name: "fp32" | "fp16"}: the parameters the export keeps as floats whatever its scheme
-    (CONTROL as fp32, GATE as fp16); every other parameter follows export.scheme / policy.
-    (The export's small-tensor rule, KEEP_FLOAT_MAX_NUMEL, still applies before this.)"""
-    return {name: ROLE_TABLE[role].export for name, role in param_roles(model).items()
-            if ROLE_TABLE[role].export != "scheme"}
+    """{name: "fp32" | "fp16"}: the parameters the export keeps as floats whatever its scheme."""
+    return {name: kind for name, kind in export_treatment(model).items() if kind != "scheme"}
 
 
 def fp32_passthrough_names(model: nn.Module) -> frozenset[str]:

@@ -62,6 +62,10 @@ class EMACallback(TrainCallback):
         return {"shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise RuntimeError("the checkpoint's EMA covers other weights than this model's "
+                               f"({sorted(set(state['shadow']) ^ set(self.shadow))[:4]} ...); resume with the config "
+                               "the checkpoint was written with")
         with torch.no_grad():
             for name, t in state["shadow"].items():
                 self.shadow[name].copy_(t)

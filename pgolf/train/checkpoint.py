@@ -1,7 +1,9 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
-`step_XXXXXXX.pt` holds the model weights, the data-stream position, the step and the
-training time so far; `step_XXXXXXX.opt<rank>.pt` holds each rank's optimizer state (with
+`step_XXXXXXX.pt` holds the model weights, the data-stream position, the step, the
+training time so far and each training callback's state (e.g. the EMA shadow); the last one of
+a finished run holds the weights that were exported (after the callbacks' before_export: EMA
+applied, QAT off); `step_XXXXXXX.opt<rank>.pt` holds each rank's optimizer state (with
 several processes Muon's momentum for a matrix lives only on the rank that owns it).
 Files are written to a temporary name and renamed, so a kill mid-write never corrupts the
 last good checkpoint. Loading uses torch.load(weights_only=True): no code is executed.

@@ -84,9 +84,11 @@ def use_parallel_muon(setting: str, device: torch.device, world_size: int, grad_
 
 
 def ordered_roles(model: GPT) -> dict[str, Role]:
-    """Every parameter's role, the blocks' parameters first: the order the optimizer groups
-    have always had (optimizer state in checkpoints is matched by position)."""
-    roles = param_roles(model)
+    """Every trainable parameter's role, the blocks' parameters first: the order the optimizer
+    groups have always had (optimizer state in checkpoints is matched by position). Parameters
+    with no elements (the skip weights of a layout without skips) have nothing to train."""
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    roles = {name: role for name, role in param_roles(model).items() if sizes[name]}
     blocks = [name for name in roles if name.startswith("blocks.")]
     return {name: roles[name] for name in blocks + [name for name in roles if not name.startswith("blocks.")]}
 
@@ -138,10 +140,11 @@ def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device, paralle
 
 
 def check_one_group_each(model: GPT, opts: Optimizers) -> None:
-    """Every parameter of model is in exactly one optimizer group: none is silently left
-    untrained, none is updated twice. Raises ValueError naming the parameters that are not."""
+    """Every parameter of model (with elements) is in exactly one optimizer group: none is
+    silently left untrained, none is updated twice. Raises ValueError naming the parameters that
+    are not."""
     names = {id(p): n for n, p in model.named_parameters()}
-    where: dict[str, list[str]] = {n: [] for n in names.values()}
+    where: dict[str, list[str]] = {n: [] for n, p in model.named_parameters() if p.numel()}
     for opt_name in OPTIMIZER_NAMES:
         opt = getattr(opts, opt_name)
         for index, group in enumerate(opt.param_groups if opt is not None else []):

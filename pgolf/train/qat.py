@@ -81,6 +81,21 @@ class QATCallback(TrainCallback):
         self.cfg = cfg
         self.active = False
 
+    def on_train_start(self, trainer) -> None:
+        """Refuse a pattern that selects nothing QAT may touch; name layers it matches but skips."""
+        model, pattern = trainer.base_model, self.cfg.pattern
+        matching = [name for name, m in model.named_modules()
+                    if isinstance(m, CastedLinear) and re.search(pattern, name + ".weight")]
+        chosen = {name for name, _ in qat_layers(model, pattern)}
+        if not chosen:
+            raise ValueError(f"qat.pattern={pattern!r} matches no linear layer whose role allows quantization-aware "
+                             f"training (the blocks' matrices, pgolf.model.roles); fix the pattern or set "
+                             f"qat.enabled=false")
+        skipped = [name for name in matching if name not in chosen]
+        if skipped:
+            trainer.logger.log(f"qat: qat.pattern also matches {', '.join(skipped)}, whose role is not "
+                               f"quantization-aware trained; they keep their plain weights")
+
     def on_step_start(self, trainer, progress: float) -> None:
         if self.active or progress < self.cfg.start_frac:
             return

@@ -147,6 +147,7 @@ class Trainer:
         self.step = 0
         self.training_time_ms = 0.0
         self.callbacks = build_callbacks(cfg)  # QAT, EMA, ...: pgolf.train.callbacks
+        self.exporting = False  # set by before_export
         for callback in self.callbacks:
             callback.on_train_start(self)
 
@@ -205,16 +206,20 @@ class Trainer:
 
     def validate(self, stride: int | None = None) -> EvalResult:
         """Score the weights the callbacks say (the plain weights under QAT, the average under
-        EMA). stride None is the standard evaluation; smaller slides the windows."""
+        EMA) during training; after before_export, the model's weights as they are (the weights
+        exported, then the artifact reloaded into the model). stride None is the standard
+        evaluation; smaller slides the windows."""
         with contextlib.ExitStack() as stack:
-            for callback in self.callbacks:
+            for callback in self.callbacks if not self.exporting else ():
                 stack.enter_context(callback.eval_weights(self))
             return self._validate(stride)
 
     def before_export(self) -> None:
-        """The training is over: the callbacks leave in the model the weights to export."""
+        """The training is over: the callbacks leave in the model the weights to export, and
+        stop swapping weights for evaluation."""
         for callback in self.callbacks:
             callback.before_export(self)
+        self.exporting = True
 
     def _validate(self, stride: int | None = None) -> EvalResult:
         return evaluate_bpb(self.fast_model, self.data.val_tokens, self.data.luts, self.cfg.train.train_seq_len,

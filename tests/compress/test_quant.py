@@ -390,3 +390,14 @@ def test_bad_policy_entries():
         policy_bits([["mlp", 4, 5]])
     with pytest.raises(ValueError, match="bad pattern"):
         policy_bits([["(", 4]])
+
+
+def test_tensors_without_a_role_follow_the_official_patterns():
+    """roles= covers parameters; a buffer or a second name of a shared parameter is decided by
+    the official control patterns, as in a bare state dict."""
+    small = torch.randn(16)
+    sd = {"p": small, "blocks.0.attn_scale_alias": small, "buffer": small}
+    qd, _ = quantize_state_dict(sd, roles={"p": "fp32"})
+    assert qd["p"].data.dtype == torch.float32
+    assert qd["blocks.0.attn_scale_alias"].data.dtype == torch.float32  # a control pattern, no role
+    assert qd["buffer"].data.dtype == torch.float16

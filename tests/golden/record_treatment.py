@@ -17,7 +17,7 @@ from pgolf.train.optim import build_optimizers
 from pgolf.lab.plan import component_of
 from pgolf.train.qat import qat_layers
 from pgolf.compress.quant import quantize_state_dict
-from pgolf.model.roles import export_passthrough
+from pgolf.model.roles import export_treatment
 
 GOLDEN = Path(__file__).with_name("treatment.json")
 SHAPES = {
@@ -58,9 +58,9 @@ def treatment(overrides: list[str]) -> dict[str, dict]:
                 assert "optimizer" not in out[names[id(p)]], names[id(p)]
                 out[names[id(p)]].update(optimizer=opt_name, lr=group["base_lr"])
     dtypes = _cuda_dtype(cfg)
-    roles = export_passthrough(model)  # the export reads roles (recorded: the official name patterns)
-    int8 = quantize_state_dict(model.state_dict(), float_passthrough=roles)[0]
-    int6 = quantize_state_dict(model.state_dict(), scheme="int6", clip_search=False, float_passthrough=roles)[0]
+    roles = export_treatment(model)  # the export reads roles (recorded: the official name patterns)
+    int8 = quantize_state_dict(model.state_dict(), roles=roles)[0]
+    int6 = quantize_state_dict(model.state_dict(), scheme="int6", clip_search=False, roles=roles)[0]
     qat = {n + ".weight" for n, _ in qat_layers(model, cfg.qat.pattern)}
     for name, p in model.named_parameters():
         out[name].update(cuda_dtype=dtypes[name], int8=[int8[name].kind, str(int8[name].data.dtype), int8[name].orig_dtype],

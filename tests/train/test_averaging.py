@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from pgolf.eval.audit import audit_file
 from pgolf.runs import read_metrics
 from pgolf.train.averaging import EMACallback
 from pgolf.train.config import EMAConfig
@@ -58,6 +59,10 @@ def test_a_run_exports_the_average(tmp_path):
               for r in ("plain", "ema")}
     assert losses["plain"] == losses["ema"]
     assert ema["pre_quant"]["val_loss"] != plain["pre_quant"]["val_loss"]
+    # The roundtrip scores the artifact reloaded from disk, not the float average: it differs
+    # from the pre-quant score, and its receipt passes the audit.
+    assert ema["roundtrip"]["val_loss"] != ema["pre_quant"]["val_loss"]
+    assert audit_file(tmp_path / "runs" / "ema" / "receipts" / "roundtrip.json").val_bpb == ema["roundtrip"]["val_bpb"]
     log = (tmp_path / "runs" / "ema" / "train.log").read_text()
     assert "ema: the weights are replaced by their moving average (decay 0.5)" in log
     final = torch.load(tmp_path / "runs/ema/checkpoints/step_0000006.pt", weights_only=True)
@@ -72,3 +77,11 @@ def test_a_resumed_ema_run_equals_an_uninterrupted_one(tmp_path):
     run_training(tiny_config(tmp_path, *common, "run.run_id=killed"), interrupt_at_step=5, console=False)
     resumed = run_training(tiny_config(tmp_path), resume=str(tmp_path / "runs" / "killed"), console=False)
     assert resumed["pre_quant"] == straight["pre_quant"] and resumed["roundtrip"] == straight["roundtrip"]
+
+
+def test_a_checkpoint_with_other_weights_is_refused():
+    trainer, ema = FakeTrainer(), EMACallback(EMAConfig(enabled=True))
+    ema.on_train_start(trainer)
+    with pytest.raises(RuntimeError, match="covers other weights"):
+        ema.load_state_dict({"shadow": {"weight": ema.shadow["weight"]}})
+

@@ -490,3 +490,12 @@ def test_batched_ns_switch():
     assert build_optimizers(model, OptimConfig(batched_ns="on"), CPU).muon.batched
     with pytest.raises(ConfigError, match="optim.batched_ns must be auto, on or off"):
         resolve_config(None, ["optim.batched_ns=yes"], env={})
+
+
+def test_parameters_without_elements_join_no_group():
+    """A layout without skips has an empty skip_weights: nothing to train, and no optimizer
+    state slot (checkpoints written before roles must keep resuming)."""
+    model = GPT(ModelConfig(vocab_size=64, num_layers=1, model_dim=32, num_heads=4, num_kv_heads=2))
+    assert model.skip_weights.numel() == 0
+    opts = build_optimizers(model, OptimConfig(), torch.device("cpu"))
+    assert all(p is not model.skip_weights for opt in opts.all() for g in opt.param_groups for p in g["params"])

@@ -69,3 +69,9 @@ def test_training_switches_qat_on_late(tmp_path):
     (qat,) = [e for e in events if e["event"] == "qat"]
     assert qat["step"] == 4 and qat["bits"] == 5 and qat["layers"] == 3 * 6
     assert summary["status"] == "done"
+
+
+def test_a_pattern_selecting_nothing_qat_may_touch_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, "qat.enabled=true", "qat.pattern=^tok_emb", "train.iterations=2")
+    with pytest.raises(ValueError, match="matches no linear layer whose role allows quantization-aware"):
+        run_training(cfg, console=False)
