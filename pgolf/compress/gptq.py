@@ -39,6 +39,8 @@ from torch import Tensor, nn
 
 from pgolf.compress.quantizers.rows import (DEFAULT_CLIP_GRID, MIN_SCALE, dequantize_rows, fp16_scale, qmax_for,
                                             quantize_rows, round_codes, row_scales)
+from pgolf.data.shards import TokenStream, _as_files
+from pgolf.model.layers import CastedLinear
 
 __all__ = [
     "MIN_SCALE", "CLIP_GRID", "GPTQStats", "GPTQResult",
@@ -83,8 +85,6 @@ def calibration_batches(
     GPTQ calibration must never see validation data: any file whose name marks it as a
     validation shard (``*_val_*``, ``val_*``, ``*validation*``) is refused. ``skip_tokens``
     starts the draw further into the stream (e.g. past what training consumed)."""
-    from pgolf.data.shards import TokenStream, _as_files
-
     if seq_len <= 0 or n_seqs <= 0 or batch_seqs <= 0 or skip_tokens < 0:
         raise ValueError(f"need seq_len, n_seqs, batch_seqs > 0 and skip_tokens >= 0, got "
                          f"{seq_len}, {n_seqs}, {batch_seqs}, {skip_tokens}")
@@ -106,8 +106,6 @@ def calibration_batches(
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """weight name -> module, for every CastedLinear of ``model``."""
-    from pgolf.model.gpt import CastedLinear
-
     return {f"{mname}.weight" if mname else "weight": m
             for mname, m in model.named_modules() if isinstance(m, CastedLinear)}
 

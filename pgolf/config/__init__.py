@@ -243,7 +243,9 @@ def validate(config: Config) -> None:
             f"data.source=synthetic is a byte-level corpus and needs data.tokenizer_path=byte260, not "
             f"'{config.data.tokenizer_path}'; for shards made with that tokenizer set data.source=shards"
         )
-    from pgolf.compress.container import COMPRESSOR_CHOICES, ArtifactError, check_compressor  # the export stage owns them
+    # Imported here, not at the top: pgolf.config stays cheap and torch-free to import (pgolf config,
+    # pgolf submit); checking a config asks the stages that own the choices.
+    from pgolf.compress.container import COMPRESSOR_CHOICES, ArtifactError, check_compressor
 
     if config.export.compressor not in COMPRESSOR_CHOICES:
         problems.append(f"export.compressor must be one of {', '.join(COMPRESSOR_CHOICES)}, "

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from pgolf.data.shards import write_shard
 from pgolf.data.tokenizer import ByteTokenizer
 from pgolf.runtime.files import atomic_write
 
@@ -257,8 +258,6 @@ def write_synthetic_corpus(
     Existing shards are an error unless ``overwrite``. Returns the metadata written to
     ``synthetic.json``.
     """
-    from pgolf.data.shards import write_shard
-
     if train_tokens < 2 or val_tokens < 2:
         raise ValueError("train_tokens and val_tokens must be at least 2")
     out = Path(out_dir)

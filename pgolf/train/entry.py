@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any, Mapping
 
+import pgolf
 from pgolf.config import ConfigError, apply_env, apply_overrides, config_from_dict, validate
 from pgolf.rules import STATUS_EXIT_CODES
 from pgolf.train.shipping import BUNDLE_NAME, missing_modules
@@ -22,8 +23,6 @@ BUNDLE_EXIT_CODES = STATUS_EXIT_CODES
 
 def bundled_module_check() -> str:
     """Name any pgolf module that was not served by the bundle's importer (it must not happen)."""
-    import pgolf
-
     bundle_loader = pgolf.__spec__.loader
     foreign = sorted(name for name, module in list(sys.modules.items())
                      if (name == "pgolf" or name.startswith("pgolf.")) and module is not None
@@ -50,7 +49,7 @@ def run_bundled(config_diff: Mapping[str, Any], argv: list[str]) -> int:
         if is_main:
             print(f"{BUNDLE_NAME}: error: {exc}", file=sys.stderr)
         return 2
-    from pgolf.train.run import run_training
+    from pgolf.train.run import run_training  # after the config checks: a bad argument fails before torch loads
 
     summary = run_training(cfg, preset=BUNDLE_NAME, env_applied=applied)
     check = bundled_module_check()
