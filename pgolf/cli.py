@@ -12,14 +12,16 @@ from pathlib import Path
 from pgolf.config import Config, ConfigError, official_env_present
 from pgolf.config.resolve import DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, data_dir_overrides, resolve_config
 from pgolf.lab.experiments import register_compare, register_run
+from pgolf.lab.export_cli import register as register_export
 from pgolf.lab.ledger import LedgerHooks, register as register_ledger
 from pgolf.lab.plots import register as register_plot
 from pgolf.lab.plan_cli import register as register_plan
 from pgolf.lab.submit import register as register_submit
 from pgolf.lab.sweep import register as register_sweep
 from pgolf.eval.ttt import TTTConfig
-from pgolf.rules import (EVAL_TIME_LIMIT_S, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, MICRO_BATCHES,
-                         STATUS_EXIT_CODES)
+from pgolf import __version__
+from pgolf.rules import (EVAL_TIME_LIMIT_S, EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
+                         MICRO_BATCHES, STATUS_EXIT_CODES)
 from pgolf.runs import RunDir
 
 # Set by `pgolf train --nproc`: workers then report handled outcomes through summary.json and
@@ -37,8 +39,16 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override single config keys, e.g. model.num_layers=11 train.iterations=500")
 
 
+def exit_status_epilog() -> str:
+    """pgolf.rules.EXIT_CODES as `pgolf --help` prints it."""
+    return "exit status:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pgolf", description="Parameter golf: train, compress, evaluate.")
+    parser = argparse.ArgumentParser(prog="pgolf", description="Parameter golf: train, compress, evaluate.",
+                                     epilog=exit_status_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pgolf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model, export the artifact and score its roundtrip")
@@ -72,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="re-check an evaluation receipt (legality of TTT, exact sums)")
     audit.add_argument("receipt", help="a receipt JSON written by `pgolf eval` or `pgolf train`")
+    audit.add_argument("--rescore", action="store_true",
+                       help="also recompute the scores from the artifact and compare them (exactly where replayable)")
+    audit.add_argument("--artifact", default=None, metavar="PATH",
+                       help="with --rescore: the artifact that was scored (default: the run's model.pgolf)")
+    audit.add_argument("--data", default=None, metavar="DIR",
+                       help="with --rescore: the validation shards it was scored on (default: the run's data)")
+    audit.add_argument("--sample", type=int, default=None, metavar="N",
+                       help="with --rescore of a TTT receipt: replay only the first N chunks (default: all)")
+    audit.add_argument("--device", default="auto", help="with --rescore: auto (the receipt's device type when "
+                                                        "available, else cpu), cpu or cuda")
 
     config = sub.add_parser("config", help="print the resolved config as JSON")
     _add_config_args(config)
@@ -105,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Each entry: a function (subparsers) -> None that adds one command and sets `handler`.
 EXTRA_COMMANDS: list = [register_submit, register_ledger, register_run, register_compare, register_sweep,
-                        register_plot, register_plan]
+                        register_plot, register_plan, register_export]
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Config, list[str], str]:
@@ -155,7 +175,8 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     if summary_path.exists():
         status = json.loads(summary_path.read_text(encoding="utf-8")).get("status")
         return STATUS_EXIT_CODES.get(status, EXIT_FAILED)
-    return code or EXIT_FAILED
+    # No summary: the workers died before writing one; keep torchrun's status only where it is ours.
+    return code if code in EXIT_CODES and code != EXIT_OK else EXIT_FAILED
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
@@ -172,44 +193,54 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         cfg, applied, preset = _resolve(args)
         summary = run_training(cfg, preset=preset, env_applied=applied, hooks=LedgerHooks())
     if os.environ.get(LAUNCHED_ENV):
-        return 0
+        return EXIT_OK
     return STATUS_EXIT_CODES.get(summary.get("status"), EXIT_FAILED)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pgolf.eval.run import EvalOptions, run_eval
+    from pgolf.eval.run import EvalOptions, check_eval_options, run_eval
 
-    ttt = None
-    if args.ttt:
-        ttt = TTTConfig(chunk_tokens=args.ttt_chunk, lr=args.ttt_lr, momentum=args.ttt_momentum,
-                        epochs=args.ttt_epochs, freeze_blocks=args.ttt_freeze, grad_clip=args.ttt_clip,
-                        batch_seqs=args.ttt_batch)
+    ttt = TTTConfig(chunk_tokens=args.ttt_chunk, lr=args.ttt_lr, momentum=args.ttt_momentum,
+                    epochs=args.ttt_epochs, freeze_blocks=args.ttt_freeze, grad_clip=args.ttt_clip,
+                    batch_seqs=args.ttt_batch)
     opts = EvalOptions(stride=args.stride, seq_len=args.seq_len, batch_windows=args.batch, max_tokens=args.max_tokens,
-                       ttt=ttt, live=args.live, data_dir=args.data, receipt_path=args.receipt,
+                       ttt=ttt if args.ttt else None, live=args.live, data_dir=args.data, receipt_path=args.receipt,
                        budget_seconds=args.budget, device=args.device)
+    check_eval_options(opts, ttt)  # the --ttt-* numbers too: a typo is refused even without --ttt
     result = run_eval(args.target, opts, log=(lambda *_: None) if args.json else print, hooks=LedgerHooks())
     if args.json and os.environ.get("RANK", "0") == "0":
         print(json.dumps(result, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from pgolf.eval.audit import AuditFailure, audit_file
+    from pgolf.eval.audit import AuditFailure, audit_file, rescore_file
 
+    rescore_only = [o for o, v in (("--artifact", args.artifact), ("--data", args.data), ("--sample", args.sample))
+                    if v is not None]
+    if rescore_only and not args.rescore:
+        raise ConfigError(f"{', '.join(rescore_only)} only apply with --rescore")
+    if args.sample is not None and args.sample < 1:
+        raise ConfigError(f"--sample must be at least 1 (TTT chunks to replay), got {args.sample}")
     try:
         report = audit_file(args.receipt)
+        if args.rescore:
+            rescored = rescore_file(args.receipt, args.artifact, args.data, args.sample, args.device)
     except AuditFailure as exc:
         print(f"FAIL {args.receipt}: {exc}")
         return EXIT_FAILED
     print(f"OK {args.receipt}: {report.kind} val_bpb {report.val_bpb:.8f} val_loss {report.val_loss:.8f} over "
-          f"{report.scored_targets:,} targets, {report.updates} updates, each scored before any update used it")
-    return 0
+          f"{report.scored_targets:,} targets, {report.updates} updates, each scored before any update used it"
+          + ("; rescored from the artifact:" if args.rescore else ""))
+    if args.rescore:
+        print("\n".join(f"  {line}" for line in rescored.lines))
+    return EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     cfg, applied, preset = _resolve(args)
     print(json.dumps({"preset": preset, "env": applied, "config": cfg.to_dict()}, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -220,7 +251,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         report = download_fineweb(variant=args.variant, train_shards=args.train_shards, root=args.root,
                                   with_docs=args.with_docs, source_dir=args.from_dir, **kwargs)
         print(json.dumps(report, indent=2, default=str))
-        return 0
+        return EXIT_OK
     from pgolf.data.build import iter_documents, tokenize_to_shards
     from pgolf.data.tokenizer import load_tokenizer
 
@@ -228,7 +259,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     stats = tokenize_to_shards(iter_documents(args.input), tokenizer, args.out, num_val_docs=args.val_docs,
                                shard_tokens=args.shard_tokens, prefix=args.prefix, overwrite=args.overwrite)
     print(json.dumps(stats, indent=2, default=str))
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_rank:  # under torchrun every rank fails alike; say it once
             print(f"pgolf {args.command}: error: {exc}", file=sys.stderr)
         if os.environ.get(LAUNCHED_ENV):
-            return 0  # the launcher reports it
+            return EXIT_OK  # the launcher reports it
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
 
 

@@ -5,6 +5,7 @@ RunDir names every file in one; no other module spells them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from typing import Any
 
 from pgolf.config import Config
 from pgolf.runtime.files import atomic_write
+from pgolf.runtime.processes import process_alive, this_process
 
 
 class RunError(RuntimeError):
@@ -23,6 +25,8 @@ class RunError(RuntimeError):
 
 
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+# Every file of a step checkpoint: the shared step_XXXXXXX.pt and each rank's .opt<rank>.pt.
+CHECKPOINT_FILE = re.compile(r"^step_(\d+)(?:\.opt\d+)?\.pt$")
 
 
 class RunDir:
@@ -35,11 +39,13 @@ class RunDir:
       model.pgolf     the compressed artifact
       receipts/       evaluation receipts; roundtrip.json is the training's final score
       summary.json    the final numbers and the run's status
+      run.lock        while a process trains the run: its pid, host and start time (RunLock)
     """
 
     CONFIG, METRICS, LOG, SUMMARY = "config.json", "metrics.jsonl", "train.log", "summary.json"
     CHECKPOINTS, RECEIPTS, ARTIFACT = "checkpoints", "receipts", "model.pgolf"
     ROUNDTRIP_RECEIPT = "roundtrip.json"
+    LOCK = "run.lock"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -80,6 +86,10 @@ class RunDir:
         return self.path / self.ARTIFACT
 
     @property
+    def lock(self) -> Path:
+        return self.path / self.LOCK
+
+    @property
     def roundtrip_receipt(self) -> Path:
         return self.receipts / self.ROUNDTRIP_RECEIPT
 
@@ -98,10 +108,94 @@ def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step:07d}.pt"
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step of any checkpoint file (shared or a rank's optimizer state), else None."""
+    m = CHECKPOINT_FILE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest complete checkpoint (rank 0 writes step_XXXXXXX.pt last)."""
     steps = sorted((int(m.group(1)), p) for p in Path(ckpt_dir).glob("step_*.pt") if (m := STEP_FILE.match(p.name)))
     return steps[-1][1] if steps else None
+
+
+class RunLock:
+    """run.lock: one process (rank 0) writes a run directory at a time.
+
+    The file holds its owner's pid, host and kernel start time and is created with
+    O_CREAT|O_EXCL, so of two processes starting at once only one gets it. A lock whose owner is
+    gone (same host, the pid dead or reused) is taken over; one held from another host cannot
+    be checked and is left to the user."""
+
+    def __init__(self, path: Path, owner: dict, taken_over_from: dict | None = None):
+        self.path, self.owner, self.taken_over_from = path, owner, taken_over_from
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> RunLock:
+        path = RunDir(run_dir).lock
+        me = {**this_process(), "acquired_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        stale = None
+        for _ in range(3):  # the owner may release or another process take over between our looks
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _read_lock(path)
+                if owner is None:
+                    continue  # released since open() saw it
+                _refuse_if_held(run_dir, path, owner)
+                # Its owner is gone. Remove it only if it is still the lock just judged: another
+                # process may have taken it over since.
+                if _read_lock(path) == owner:
+                    path.unlink(missing_ok=True)
+                stale = owner
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(me))
+            return cls(path, me, stale)
+        raise RunError(f"could not take {path}: other processes keep taking it; check what is training {run_dir}")
+
+    def release(self) -> None:
+        """Remove run.lock if this process still holds it (never another process's)."""
+        with contextlib.suppress(RunError):
+            if _read_lock(self.path) == self.owner:
+                self.path.unlink(missing_ok=True)
+
+    def takeover_message(self) -> str | None:
+        old = self.taken_over_from
+        if old is None:
+            return None
+        return (f"run.lock: took over from process {old.get('pid')} on {old.get('host')} "
+                f"(locked at {old.get('acquired_at')}), which is no longer running")
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The lock's owner, or None when there is no lock. A file being written right now, or
+    damaged, is refused: its owner cannot be told."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        owner = json.loads(text)
+        if isinstance(owner, dict) and "pid" in owner:
+            return owner
+    except ValueError:
+        pass
+    raise RunError(f"{path} cannot be read (another process may be taking it right now); if no process is "
+                   f"training this run, delete {path} and try again")
+
+
+def _refuse_if_held(run_dir: Path, path: Path, owner: dict) -> None:
+    """Raise RunError while the lock's owner may still be running."""
+    pid, host = owner.get("pid"), owner.get("host")
+    if host != this_process()["host"]:
+        raise RunError(f"run {run_dir} is locked by process {pid} on host {host}, which cannot be checked from "
+                       f"here; if that process is no longer running, delete {path} and try again")
+    if process_alive(pid, owner.get("pid_start")):
+        raise RunError(f"run {run_dir} is being trained by process {pid} on {host} (since "
+                       f"{owner.get('acquired_at')}); wait for it to finish, or stop it (Ctrl-C, or `kill {pid}`: "
+                       f"it saves a checkpoint) and then `pgolf train --resume {run_dir}`")
 
 
 class RunHooks:

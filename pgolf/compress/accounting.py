@@ -23,6 +23,8 @@ class SizeReport:
     # optional split of model_bytes by component (e.g. describe_artifact(blob, estimate=True)
     # ["breakdown"]: outer header, header+meta, int6 codes, scales, fp16 passthrough, ...)
     breakdown: dict[str, int] | None = field(default=None)
+    # sha256 (hex) of the artifact file as written: `pgolf submit` compares the file against it
+    artifact_sha256: str | None = None
 
     @property
     def overage(self) -> int:
@@ -43,12 +45,14 @@ class SizeReport:
 
 
 def size_report(model_bytes: int, code_bytes: int, code_description: str | None = None,
-                cap: int = SIZE_CAP_BYTES, breakdown: dict[str, int] | None = None) -> SizeReport:
+                cap: int = SIZE_CAP_BYTES, breakdown: dict[str, int] | None = None,
+                artifact_sha256: str | None = None) -> SizeReport:
     """Account artifact + code bytes (pgolf.train.export.counted_code_bytes) against ``cap``.
-    ``breakdown`` (component -> bytes) is printed under the model bytes by ``lines()``."""
+    ``breakdown`` (component -> bytes) is printed under the model bytes by ``lines()``;
+    ``artifact_sha256`` records the artifact file's digest for later verification."""
     total = int(model_bytes) + int(code_bytes)
     return SizeReport(int(model_bytes), int(code_bytes), code_description or "given", total, cap, total <= cap,
-                      dict(breakdown) if breakdown is not None else None)
+                      dict(breakdown) if breakdown is not None else None, artifact_sha256)
 
 
 def check_size(report: SizeReport) -> SizeReport:

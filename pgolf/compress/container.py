@@ -116,6 +116,11 @@ _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 _SHA_LEN = 32
 
 
+# What to do about a corrupt artifact (the command is pgolf.lab.export_cli's).
+REEXPORT_HINT = ("re-export it from the run's last checkpoint with `pgolf export RUN` (a new file under "
+                 "RUN/exports/; --out PATH to choose it)")
+
+
 class ArtifactError(ValueError):
     """A file is not a valid pgolf artifact, or an artifact does not fit the cap."""
 
@@ -411,7 +416,7 @@ def _parse_outer(blob: bytes, source: str) -> tuple[int, str, memoryview]:
     payload = view[pos:]
     if hashlib.sha256(payload).digest() != digest:
         raise ArtifactError(f"artifact {source} is corrupt: sha256 mismatch; "
-                            "re-export it from the run's checkpoint")
+                            + REEXPORT_HINT)
     _compressor(comp_name)
     return version, comp_name, payload
 
@@ -431,7 +436,7 @@ def _parse_payload(blob: bytes, source: str) -> tuple[dict, list[memoryview], di
         if len(raw) < _U64.size + _U32.size or _U32.unpack_from(raw, len(raw) - _U32.size)[0] != \
                 zlib.crc32(raw[:len(raw) - _U32.size]):
             raise ArtifactError(f"artifact {source} is corrupt: crc32 mismatch after decompression "
-                                f"({comp_name}); re-export it from the run's checkpoint")
+                                f"({comp_name}); {REEXPORT_HINT}")
         raw = raw[:len(raw) - _U32.size]
     try:
         (hlen,) = _U64.unpack_from(raw, 0)

@@ -93,7 +93,8 @@ def resolve_config(
 
 
 def data_dir_overrides(data_dir: Path, user_overrides: list[str]) -> list[str]:
-    """--data DIR: official shards in DIR; its tokenizer and vocabulary unless overridden."""
+    """--data DIR: official shards in DIR; its tokenizer unless data.tokenizer_path is given,
+    and the vocabulary of whichever tokenizer is used unless model.vocab_size is given."""
     if not data_dir.is_dir():
         raise ConfigError(f"--data {data_dir}: not a directory")
     out = ["data.source=shards", f"data.data_path={data_dir}"]
@@ -101,17 +102,19 @@ def data_dir_overrides(data_dir: Path, user_overrides: list[str]) -> list[str]:
     for key, pattern in (("data.train_pattern", "fineweb_train_*.bin"), ("data.val_pattern", "fineweb_val_*.bin")):
         if key not in user_keys:
             out.append(f"{key}={pattern}")
-    if "data.tokenizer_path" not in user_keys:
+    given = {o.split("=", 1)[0].strip(): o.split("=", 1)[1].strip() for o in user_overrides if "=" in o}
+    tokenizer = given.get("data.tokenizer_path")
+    if tokenizer is None:
         models = sorted(data_dir.glob("*.model"))
-        if len(models) == 1:
-            out.append(f"data.tokenizer_path={models[0]}")
-        elif len(models) > 1:
+        if len(models) > 1:
             raise ConfigError(f"--data {data_dir}: several tokenizers ({', '.join(m.name for m in models)}); "
                               "choose one with data.tokenizer_path=...")
-        else:
+        if not models:
             raise ConfigError(f"--data {data_dir}: no SentencePiece .model file in it; pass data.tokenizer_path=PATH")
-        if "model.vocab_size" not in user_keys:
-            from pgolf.data.tokenizer import load_tokenizer
+        tokenizer = str(models[0])
+        out.append(f"data.tokenizer_path={tokenizer}")
+    if "model.vocab_size" not in user_keys and Path(tokenizer).is_file():  # else the config check names it
+        from pgolf.data.tokenizer import load_tokenizer
 
-            out.append(f"model.vocab_size={load_tokenizer(models[0]).vocab_size}")
+        out.append(f"model.vocab_size={load_tokenizer(tokenizer).vocab_size}")
     return out

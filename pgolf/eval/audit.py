@@ -99,3 +99,210 @@ def audit_file(path: str | Path) -> AuditReport:
         return audit_receipt(data)
     except (KeyError, TypeError) as exc:
         raise AuditFailure(f"receipt {path} is malformed: missing or wrong field {exc}") from None
+
+
+# --- recomputation: `pgolf audit --rescore` ------------------------------------------------------
+# A receipt proves that its numbers are consistent, not that they are the model's: a receipt whose
+# sums were lowered and whose sha256 was recomputed passes audit_receipt. The rescore reloads the
+# artifact, checks that it is the model the receipt says scored, and scores the receipt's target
+# ranges again with the same windows, batches and float64 accumulation order.
+
+# Loss sums that cannot be replayed bit for bit are compared within a relative tolerance:
+REDUCE_REL_TOL = 1e-12  # only the order in which ranks' float64 partial sums were all-reduced differs
+APPROX_REL_TOL = 1e-3  # another device type (bf16 autocast on CUDA vs fp32 on CPU) or another forward
+
+
+@dataclass
+class RescoreReport:
+    kind: str
+    val_bpb: float
+    lines: list[str]  # what was recomputed, and how exactly
+    exact: bool  # every loss sum compared bit for bit
+
+
+def _reload_target(receipt_path: Path, artifact: str | Path | None) -> str:
+    """The run directory (receipts live in <run>/receipts/) or artifact file to reload."""
+    if artifact is not None:
+        return str(artifact)
+    from pgolf.runs import RunDir
+
+    folder = receipt_path.resolve().parent
+    if folder.name == "receipts" and RunDir(folder.parent).config.exists():
+        return str(folder.parent)
+    raise AuditFailure(f"receipt {receipt_path} is not in a run's receipts/ folder, so its artifact is unknown: "
+                       f"pass --artifact PATH (the model.pgolf that was scored)")
+
+
+def _same(a: float, b: float, rel_tol: float) -> bool:
+    return a == b if rel_tol == 0 else math.isclose(a, b, rel_tol=rel_tol)
+
+
+def _check_range(what: str, lo: int, hi: int, got: tuple[float, int, int], want: tuple[float, int, int],
+                 rel_tol: float) -> None:
+    if got[1:] != want[1:] or not _same(got[0], want[0], rel_tol):
+        how = "exactly" if rel_tol == 0 else f"within relative {rel_tol:g} for the loss, exactly for the counts"
+        raise AuditFailure(
+            f"{what} ({lo}, {hi}] differs when rescored from the artifact: recomputed loss_sum {got[0]!r}, tokens "
+            f"{got[1]}, bytes {got[2]}; the receipt says loss_sum {want[0]!r}, tokens {want[1]}, bytes {want[2]} "
+            f"(compared {how}): the receipt's numbers are not this model's score")
+
+
+def rescore_file(path: str | Path, artifact: str | Path | None = None, data_dir: str | None = None,
+                 sample: int | None = None, device: str = "auto") -> RescoreReport:
+    """Audit the receipt, then recompute its scores from the artifact; raise AuditFailure naming
+    the first thing that differs. TTT receipts are replayed chunk by chunk (the first `sample`
+    chunks; None: all of them)."""
+    import dataclasses
+
+    import torch
+
+    from pgolf.data.shards import load_validation_tokens
+    from pgolf.data.tokenizer import check_vocab, load_tokenizer
+    from pgolf.eval.receipt import state_fingerprint
+    from pgolf.eval.run import load_target, use_data_dir
+    from pgolf.eval.ttt import TTTConfig, run_ttt
+    from pgolf.eval.windows import score_windows, window_plan
+    from pgolf.model.gpt import build_model
+    from pgolf.model.roles import ROLE_TABLE, param_roles
+
+    path = Path(path)
+    audit = audit_file(path)  # consistency first: the rescore compares against consistent numbers only
+    if sample is not None and sample < 1:
+        raise ValueError(f"--sample must be at least 1 (chunks to replay), got {sample}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    info = data.get("info") or {}
+    kind, settings, total = data["kind"], data["settings"], data["total_targets"]
+    if str(info.get("source", "")).startswith("live weights"):
+        raise AuditFailure(f"receipt {path} scored a checkpoint's live weights ({info['source']}), not an artifact: "
+                           "there is no artifact to rescore it from")
+    target = _reload_target(path, artifact)
+    try:
+        cfg, state, _, source = load_target(target, live=False)
+    except (OSError, ValueError) as exc:  # ArtifactError (corrupt file) and ConfigError are ValueErrors
+        raise AuditFailure(f"cannot reload the artifact to rescore {path}: {exc}") from None
+    use_data_dir(cfg, data_dir or info.get("data_dir"))
+
+    recorded = torch.device(str(info.get("device", "cpu"))).type
+    if device == "auto":
+        device = "cuda" if recorded == "cuda" and torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    world = int(info.get("world_size", 1))
+    lines = [f"reloaded {source}"]
+
+    # 1. The artifact is the model that scored: the fingerprint of its weights, in the dtypes the
+    #    recording device gave them (on CUDA each role's dtype), equals the receipt's initial state.
+    probe = build_model(cfg.model, torch.device("cpu"))
+    probe.load_state_dict(state, strict=True)
+    if recorded == "cuda":
+        roles = param_roles(probe)
+        with torch.no_grad():
+            for name, param in probe.named_parameters():
+                param.data = param.data.to(ROLE_TABLE[roles[name]].cuda_dtype)
+    fingerprint = state_fingerprint(probe)
+    del probe
+    if fingerprint != data["initial_state"]:
+        raise AuditFailure(f"{source} is not the model that scored receipt {path}: its state fingerprint is "
+                           f"{fingerprint}, the receipt's initial state {data['initial_state']} (pass --artifact "
+                           "with the artifact that was evaluated)")
+    lines.append(f"model fingerprint {fingerprint} equals the receipt's initial state")
+
+    # 2. The same computation: windows per batch, device type, forward, accumulation order.
+    seq_len, stride = int(settings["seq_len"]), int(settings["stride"])
+    batch = info.get("batch_windows")
+    approx = []  # why loss sums cannot be compared bit for bit
+    if batch is None:
+        batch = (cfg.train.val_batch_size // 8 // seq_len if path.name == "roundtrip.json" else 64)
+        approx.append(f"the receipt does not record its batch size (written before pgolf recorded it); "
+                      f"rescored with {batch} windows per batch")
+    if recorded != dev.type:
+        approx.append(f"scored on {recorded}, rescored on {dev.type} (different kernels and autocast)")
+    if info.get("fused_loss"):
+        approx.append("scored through the fused chunked loss of training, which evaluation does not replay")
+    rel_tol = APPROX_REL_TOL if approx else (REDUCE_REL_TOL if world > 1 else 0.0)
+    if kind == "ttt" and world > 1 and not approx:
+        approx.append(f"TTT adapted with gradients all-reduced over {world} ranks; the replay runs on one")
+        rel_tol = APPROX_REL_TOL
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    check_vocab(tokenizer, cfg.model.vocab_size)
+    val_tokens = load_validation_tokens(cfg.val_files(), seq_len)
+    if val_tokens.numel() - 1 < total:
+        raise AuditFailure(f"the validation split {cfg.val_files()} has {val_tokens.numel() - 1:,} targets but the "
+                           f"receipt scored {total:,}: pass --data DIR with the split it was scored on")
+    tokens = val_tokens[: total + 1]
+    luts = tokenizer.byte_luts(cfg.model.vocab_size).to_torch(dev)
+    model = build_model(cfg.model, dev)
+    model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=True)
+    scorer = model
+    if info.get("compiled") and recorded == dev.type:
+        scorer = torch.compile(model, dynamic=False)
+    if approx:
+        lines.append("loss sums compared within relative " + f"{rel_tol:g}, not bit for bit: " + "; ".join(approx)
+                     + "; token and byte counts compared exactly")
+    elif world > 1:
+        lines.append(f"each of the {world} ranks' shares rescored as that rank batched it; loss sums compared within "
+                     f"relative {rel_tol:g} (the all-reduce order is not replayable), counts exactly")
+    else:
+        lines.append(f"rescored on {dev.type} with {batch} windows per batch, as recorded: compared bit for bit")
+
+    scores = [e for e in data["events"] if e["type"] == "score"]
+    if kind in ("standard", "sliding"):
+        for e in scores:
+            windows = window_plan(total, seq_len, stride, e["lo"], e["hi"])
+            parts = [score_windows(scorer, tokens, windows, luts, dev, batch, r, world) for r in range(world)]
+            loss, count, nbytes = parts[0].loss_sum, parts[0].tokens, parts[0].bytes
+            for p in parts[1:]:
+                loss, count, nbytes = loss + p.loss_sum, count + p.tokens, nbytes + p.bytes
+            _check_range("targets", e["lo"], e["hi"], (loss, count, nbytes), (e["loss_sum"], e["tokens"], e["bytes"]),
+                         rel_tol)
+            lines.append(f"recomputed {kind} windows (seq_len {seq_len}, stride {stride}: {len(windows):,} windows) "
+                         f"over targets ({e['lo']}, {e['hi']}]: loss_sum {loss!r}, {count:,} tokens, {nbytes:,} bytes "
+                         "equal the receipt's")
+        return RescoreReport(kind, audit.val_bpb, lines, not approx and world == 1)
+
+    # TTT: replay score-first TTT with the receipt's settings; check each chunk's sums (running
+    # totals, accumulated in the same order) and the state after each update.
+    tcfg = TTTConfig(**{f.name: settings[f.name] for f in dataclasses.fields(TTTConfig)})
+    updates = [e for e in data["events"] if e["type"] == "update"]
+    replay = len(scores) if sample is None else min(sample, len(scores))
+    want = [0.0, 0, 0]
+    got_prev = [0.0, 0, 0]
+
+    class _Done(Exception):
+        pass
+
+    def progress(n: int, _total: int, sums) -> None:
+        e = scores[n - 1]
+        want[0], want[1], want[2] = want[0] + e["loss_sum"], want[1] + e["tokens"], want[2] + e["bytes"]
+        part = (sums.loss_sum - got_prev[0], sums.tokens - got_prev[1], sums.bytes - got_prev[2])
+        if rel_tol == 0:  # the running totals are bit-identical exactly when every chunk is
+            if (sums.loss_sum, sums.tokens, sums.bytes) != tuple(want):
+                _check_range(f"TTT chunk {n} of {len(scores)}: targets", e["lo"], e["hi"], part,
+                             (e["loss_sum"], e["tokens"], e["bytes"]), 0.0)
+                raise AuditFailure(f"TTT chunk {n}: targets ({e['lo']}, {e['hi']}]: running loss total "
+                                   f"{sums.loss_sum!r} differs from the receipt's {want[0]!r}")
+            if n <= len(updates) and state_fingerprint(model) != updates[n - 1]["after"]:
+                raise AuditFailure(f"TTT update {n} (tokens {updates[n - 1]['lo']}..{updates[n - 1]['hi']}) "
+                                   f"replayed gives state {state_fingerprint(model)}, the receipt says "
+                                   f"{updates[n - 1]['after']}")
+        else:
+            _check_range(f"TTT chunk {n} of {len(scores)}: targets", e["lo"], e["hi"], part,
+                         (e["loss_sum"], e["tokens"], e["bytes"]), rel_tol)
+        got_prev[:] = [sums.loss_sum, sums.tokens, sums.bytes]
+        if n >= replay:
+            raise _Done
+
+    try:
+        run_ttt(model, tokens, luts, seq_len, stride, batch, tcfg, dev, progress=progress, runner=scorer)
+    except _Done:
+        pass
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    done = f"replayed TTT chunks 1..{replay} of {len(scores)} (targets (0, {scores[replay - 1]['hi']}])"
+    lines.append(done + (": their sums" if rel_tol else ": their sums and the state after each update")
+                 + " equal the receipt's")
+    if replay < len(scores):
+        lines.append(f"NOT recomputed: chunks {replay + 1}..{len(scores)} (targets ({scores[replay]['lo']}, "
+                     f"{total}]); run without --sample to replay every chunk")
+    return RescoreReport(kind, audit.val_bpb, lines, not approx and replay == len(scores))

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from pgolf.compress.container import read_artifact
-from pgolf.config import Config, config_from_dict
+from pgolf.config import Config, ConfigError, config_from_dict
+from pgolf.config.ranges import COUNT, MOMENTUM, Range, at_least, positive, range_problems
 from pgolf.data.shards import check_token_range, load_validation_tokens
 from pgolf.runtime.distributed import DistInfo, setup_distributed, teardown_distributed
 from pgolf.eval.windows import score_windows, to_result, window_plan
@@ -41,6 +42,38 @@ class EvalOptions:
     budget_seconds: float = EVAL_TIME_LIMIT_S
     device: str = "auto"
     compile: str = "auto"  # auto (on for CUDA) | on | off
+
+
+# `pgolf eval`'s numeric options by EvalOptions / TTTConfig field -> (option, valid range).
+EVAL_OPTION_RULES: dict[str, tuple[str, Range]] = {
+    "stride": ("--stride", COUNT),
+    "seq_len": ("--seq-len", COUNT),
+    "batch_windows": ("--batch", COUNT),
+    "max_tokens": ("--max-tokens", at_least(0, "0: the whole validation split")),
+    "budget_seconds": ("--budget", positive()),
+}
+TTT_OPTION_RULES: dict[str, tuple[str, Range]] = {
+    "chunk_tokens": ("--ttt-chunk", COUNT),
+    "lr": ("--ttt-lr", at_least(0.0, "0: score the chunks without adapting")),
+    "momentum": ("--ttt-momentum", MOMENTUM),
+    "epochs": ("--ttt-epochs", at_least(0, "0: score the chunks without adapting")),
+    "freeze_blocks": ("--ttt-freeze", at_least(0, "0: adapt every block")),
+    "grad_clip": ("--ttt-clip", at_least(0.0, "0: no clipping")),
+    "batch_seqs": ("--ttt-batch", COUNT),
+}
+
+
+def check_eval_options(opts: EvalOptions, ttt: TTTConfig | None = None) -> None:
+    """Raise ConfigError (a usage error) naming every option outside its range; ttt defaults to
+    opts.ttt. None means the option's default (--stride, --seq-len: from the run)."""
+    problems = []
+    for obj, rules in ((opts, EVAL_OPTION_RULES), (ttt or opts.ttt, TTT_OPTION_RULES)):
+        if obj is not None:
+            values = {option: getattr(obj, name) for name, (option, _) in rules.items()
+                      if getattr(obj, name) is not None}
+            problems += range_problems(values, {option: rule for option, rule in rules.values()})
+    if problems:
+        raise ConfigError("invalid options:\n  " + "\n  ".join(problems))
 
 
 def load_target(target: str, live: bool) -> tuple[Config, dict, Path, str]:
@@ -72,6 +105,14 @@ def load_target(target: str, live: bool) -> tuple[Config, dict, Path, str]:
     return cfg, dequantize_state_dict(qdict), folder, f"artifact {artifact}"
 
 
+def use_data_dir(cfg: Config, data_dir: str | None) -> Config:
+    """Point cfg at the official-format shards in data_dir (`--data`); None leaves it as is."""
+    if data_dir:
+        cfg.data.source, cfg.data.data_path = "shards", str(data_dir)
+        cfg.data.train_pattern, cfg.data.val_pattern = "fineweb_train_*.bin", "fineweb_val_*.bin"
+    return cfg
+
+
 def _receipt_path(folder: Path, kind: str, given: str | None) -> Path:
     if given:
         return Path(given)
@@ -85,10 +126,9 @@ def _receipt_path(folder: Path, kind: str, given: str | None) -> Path:
 
 
 def run_eval(target: str, opts: EvalOptions, log=print, hooks: RunHooks = RunHooks()) -> dict:
+    check_eval_options(opts)
     cfg, state, folder, source = load_target(target, opts.live)
-    if opts.data_dir:
-        cfg.data.source, cfg.data.data_path = "shards", opts.data_dir
-        cfg.data.train_pattern, cfg.data.val_pattern = "fineweb_train_*.bin", "fineweb_val_*.bin"
+    use_data_dir(cfg, opts.data_dir)
     info = setup_distributed(opts.device)
     try:
         result = _evaluate(cfg, state, folder, source, opts, info, log if info.is_main else (lambda *_: None))
@@ -104,7 +144,7 @@ def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOpt
     seq_len = opts.seq_len or cfg.train.train_seq_len
     stride = seq_len if opts.stride is None else opts.stride
     if not 0 < stride <= seq_len:
-        raise ValueError(f"--stride must be within 1..{seq_len} (the window length), got {stride}")
+        raise ConfigError(f"--stride must be within 1..{seq_len} (the window length), got {stride}")
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     check_vocab(tokenizer, cfg.model.vocab_size)
     val_tokens = load_validation_tokens(cfg.val_files(), seq_len)
@@ -143,7 +183,10 @@ def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOpt
     result = to_result(sums)
     projected = seconds * full_targets / targets
     receipt.info = {"source": source, "eval_seconds": round(seconds, 3), "projected_full_seconds": round(projected, 1),
-                    "world_size": info.world_size, "device": str(info.device)}
+                    "world_size": info.world_size, "device": str(info.device),
+                    # how the sums were accumulated, for `pgolf audit --rescore`
+                    "batch_windows": opts.batch_windows, "compiled": scorer is not model, "fused_loss": False,
+                    "data_dir": opts.data_dir}
     receipt_path = info.main_only(write_receipt, _receipt_path(folder, kind, opts.receipt_path), receipt)
     log(f"{kind} val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
         f"({result.tokens:,} tokens, {result.bytes:,} bytes)")

@@ -18,7 +18,7 @@ from pathlib import Path
 from pgolf.config import Config, ConfigError
 from pgolf.config.resolve import data_dir_overrides, resolve_config
 from pgolf.lab.ledger import SCORED_STATUSES, LedgerHooks, Ledger, ensure_run, format_table
-from pgolf.rules import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OVER_CAP
+from pgolf.rules import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OVER_CAP
 from pgolf.runs import RunDir, group_run_dirs
 from pgolf.lab.stats import ALPHA, MARGIN_NATS, summarize, verdict
 
@@ -179,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     statuses = {o.status for o in outcomes}
     if statuses - {"done", "over_cap"}:
         return EXIT_FAILED
-    return EXIT_OVER_CAP if "over_cap" in statuses else 0
+    return EXIT_OVER_CAP if "over_cap" in statuses else EXIT_OK
 
 
 # --- comparing two groups ---------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(json_safe(result), indent=2))
     else:
         print(comparison_text(result, args.a, args.b, args.metric))
-    return 0
+    return EXIT_OK
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:

@@ -37,6 +37,7 @@ from typing import Any, Iterator
 from pgolf.config import Config, ConfigError
 from pgolf.config.resolve import resolve_config
 from pgolf.runs import RunDir, RunHooks, read_json, write_json
+from pgolf.runtime.processes import process_alive, process_start_time
 
 LEDGER_NAME = "ledger.sqlite"
 # Keys that label a run or set its logging/checkpoint cadence without changing what it learns.
@@ -187,30 +188,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _process_start(pid: int) -> str:
-    """The kernel's start time of pid (Linux), so a reused pid is not mistaken for the run."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def process_alive(pid: int | None, start: str | None = None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    if start:
-        current = _process_start(pid)
-        return current == "" or current == start
-    return True
-
-
 def _read_summary(run_dir: Path) -> dict:
     try:
         return read_json(RunDir(run_dir).summary)
@@ -252,7 +229,7 @@ def record_run_start(run_dir: Path, device, world_size: int) -> None:
     def write() -> None:
         fields = {**_fields_from_run_dir(run_dir), "status": "running", "error": None, "git_commit": git_commit(),
                   "device": describe_device(device), "world_size": world_size, "hostname": socket.gethostname(),
-                  "pid": os.getpid(), "pid_start": _process_start(os.getpid()), "started_at": _now()}
+                  "pid": os.getpid(), "pid_start": process_start_time(os.getpid()), "started_at": _now()}
         Ledger(run_dir.parent).upsert(run_dir.name, **fields)
 
     _never_fail(write)

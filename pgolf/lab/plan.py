@@ -33,7 +33,7 @@ from pgolf.lab.plan_weights import DEFAULT_LAWS, DriftLaw, draw_trained_state, l
 from pgolf.model import roles
 from pgolf.model.gpt import GPT
 from pgolf.rules import SIZE_CAP_BYTES
-from pgolf.runs import read_json
+from pgolf.runs import RunDir, read_json
 from pgolf.train.export import counted_code_bytes
 
 COMPONENTS = ("embedding", "attention", "mlp", "control", "other")
@@ -90,7 +90,7 @@ def count_flops(model: nn.Module, seq_len: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------ throughput
 
 def _run_device(run_dir: Path) -> str | None:
-    log = run_dir / "train.log"
+    log = RunDir(run_dir).log
     if not log.is_file():
         return None
     with open(log, encoding="utf-8", errors="replace") as f:
@@ -103,10 +103,10 @@ def measured_throughput(cfg: Config) -> dict | None:
     """Tokens/s of the newest finished run in run.runs_dir with this model config, batch tokens
     and sequence length: its steps x train_batch_tokens over its training time."""
     best = None
-    for summary_path in Path(cfg.run.runs_dir).glob("*/summary.json"):
+    for summary_path in Path(cfg.run.runs_dir).glob(f"*/{RunDir.SUMMARY}"):
         try:
             summary = read_json(summary_path)
-            run_cfg = config_from_dict(read_json(summary_path.parent / "config.json")["config"])
+            run_cfg = config_from_dict(read_json(RunDir(summary_path.parent).config)["config"])
         except (OSError, ValueError, KeyError, TypeError):  # damaged, or from an incompatible version
             continue
         steps, ms = summary.get("steps") or 0, summary.get("train_time_ms") or 0

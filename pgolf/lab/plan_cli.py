@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from pgolf.rules import EXIT_OVER_CAP
+from pgolf.rules import EXIT_OK, EXIT_OVER_CAP
 
 
 def _options(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         render(plan)
     size = plan["size"]
     if size["fits"]:
-        return 0
+        return EXIT_OK
     print(over_cap_message(plan), file=sys.stderr)
     return EXIT_OVER_CAP
 

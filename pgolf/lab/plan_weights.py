@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from pgolf.config import Config, config_from_dict
 from pgolf.model.gpt import GPT
 from pgolf.model.roles import ROLE_TABLE, role_of
-from pgolf.runs import find_run_dir, latest_checkpoint, read_json
+from pgolf.runs import RunDir, find_run_dir, latest_checkpoint, read_json
 from pgolf.train.lr import lr_scale
 from pgolf.train.optim import build_optimizers
 
@@ -193,8 +193,8 @@ def laws_from_run(run_dir: str | Path) -> tuple[dict[str, DriftLaw], dict]:
     DEFAULT_LAWS (one run shows one step count), the scale and kurtosis are the run's.
     Returns the laws and what they were measured on."""
     run = find_run_dir(str(run_dir))
-    cfg = config_from_dict(read_json(run / "config.json")["config"])
-    ckpt_path = latest_checkpoint(run / "checkpoints")
+    cfg = config_from_dict(read_json(RunDir(run).config)["config"])
+    ckpt_path = latest_checkpoint(RunDir(run).checkpoints)
     if ckpt_path is None:
         raise ValueError(f"--from {run}: no checkpoint in {run / 'checkpoints'} to measure weights on")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)

@@ -1,6 +1,9 @@
 """Plots of runs (matplotlib, Agg backend, PNG): training and validation curves from each run's
 metrics.jsonl, val_bpb against step and against training wall-clock, and a bar chart of groups
-with error bars (mean ± sample std of the roundtrip val_bpb)."""
+with error bars (mean ± sample std of the roundtrip val_bpb).
+
+The validation series end with the final pre-quantization score (summary.json's pre_quant, at
+the last step), and every axis is scaled to the points drawn on it."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pgolf.rules import EXIT_OK
 from pgolf.runs import RunDir, read_json, read_metrics
 
 
@@ -31,6 +35,55 @@ class Curves:
     val_loss: list[float] = field(default_factory=list)
     val_bpb: list[float] = field(default_factory=list)
     final: tuple[int, float, float] | None = None  # (step, train seconds, roundtrip val_bpb)
+    # (step, train seconds, val_loss, val_bpb) of the final pre-quantization validation
+    pre_quant: tuple[int, float, float, float] | None = None
+
+
+@dataclass
+class ValSeries:
+    """One run's validation points as drawn: the logged validations, then the final pre-quant one."""
+    steps: list[int]
+    seconds: list[float]
+    loss: list[float]
+    bpb: list[float]
+
+
+def val_series(c: Curves) -> ValSeries:
+    """The validation points of a run's panels: its logged validations followed by the final
+    pre-quant score at the last step (training validates at the top of a step, so the last
+    step is never among the logged ones; were it there, the final score replaces it)."""
+    out = ValSeries(list(c.val_steps), list(c.val_seconds), list(c.val_loss), list(c.val_bpb))
+    if c.pre_quant is not None:
+        step, seconds, loss, bpb = c.pre_quant
+        while out.steps and out.steps[-1] >= step:
+            for xs in (out.steps, out.seconds, out.loss, out.bpb):
+                xs.pop()
+        out.steps.append(step)
+        out.seconds.append(seconds)
+        out.loss.append(loss)
+        out.bpb.append(bpb)
+    return out
+
+
+def axis_limits(values: list[float], margin: float = 0.05, min_span: float = 0.0) -> tuple[float, float] | None:
+    """Limits that show every value with a small margin; a single value (or equal ones) gets a
+    window of min_span, or of 2% of its size when min_span is 0. None when there are no values."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None
+    low, high = min(finite), max(finite)
+    span = high - low
+    if span <= 0:
+        half = (min_span or max(abs(low) * 0.02, 1e-3)) / 2
+        return low - half, high + half
+    pad = max(span * margin, min_span / 2 if min_span > span else 0.0)
+    return low - pad, high + pad
+
+
+def _scale(ax, xs: list[float], ys: list[float], x_span: float = 0.0) -> None:
+    for limits, setter in ((axis_limits(xs, min_span=x_span), ax.set_xlim), (axis_limits(ys), ax.set_ylim)):
+        if limits is not None:
+            setter(*limits)
 
 
 def run_curves(run_dir: Path, label: str | None = None) -> Curves:
@@ -50,41 +103,71 @@ def run_curves(run_dir: Path, label: str | None = None) -> Curves:
         s = read_json(summary_path)
         if s.get("roundtrip"):
             curves.final = (s["steps"], s["train_time_ms"] / 1000, s["roundtrip"]["val_bpb"])
+        if s.get("pre_quant"):
+            pre = s["pre_quant"]
+            curves.pre_quant = (s["steps"], s["train_time_ms"] / 1000, pre["val_loss"], pre["val_bpb"])
     return curves
 
 
-def plot_losses(runs: list[tuple[Curves, str]], path: Path) -> Path:
-    """Train loss and validation loss (nats per token) against step, one line per run."""
+def loss_figure(runs: list[tuple[Curves, str]]):
+    """Train loss and validation loss (nats per token, ending with the final pre-quant score)
+    against step, one line per run; the figure, for plot_losses to save."""
     plt = _pyplot()
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    train_x, train_y, val_x, val_y = [], [], [], []
     for c, color in runs:
         if c.train_steps:
             ax_train.plot(c.train_steps, c.train_loss, color=color, alpha=0.8, lw=1, label=c.label)
-        if c.val_steps:
-            ax_val.plot(c.val_steps, c.val_loss, "o-", color=color, ms=3, lw=1, label=c.label)
-    for ax, title in ((ax_train, "training loss"), (ax_val, "validation loss")):
+            train_x += c.train_steps
+            train_y += c.train_loss
+        v = val_series(c)
+        if v.steps:
+            ax_val.plot(v.steps, v.loss, "o-", color=color, ms=3, lw=1, label=c.label)
+            val_x += v.steps
+            val_y += v.loss
+    for ax, title in ((ax_train, "training loss"), (ax_val, "validation loss (last: final pre-quant)")):
         ax.set(title=title, xlabel="step", ylabel="loss (nats / token)")
         ax.grid(alpha=0.3)
+    _scale(ax_train, train_x, train_y, x_span=2)
+    _scale(ax_val, val_x, val_y, x_span=2)
     _legend(ax_train, runs)
-    return _save(fig, path)
+    return fig
 
 
-def plot_val_bpb(runs: list[tuple[Curves, str]], path: Path) -> Path:
-    """val_bpb against step and against training wall-clock; x marks the final roundtrip score."""
+def plot_losses(runs: list[tuple[Curves, str]], path: Path) -> Path:
+    return _save(loss_figure(runs), path)
+
+
+def val_bpb_figure(runs: list[tuple[Curves, str]]):
+    """val_bpb against step and against training wall-clock, each run's line ending with its final
+    pre-quant score at the last step; x marks the final roundtrip score. Axes fit the points."""
     plt = _pyplot()
     fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = {ax_step: ([], []), ax_time: ([], [])}
     for c, color in runs:
-        for ax, xs, final_x in ((ax_step, c.val_steps, 0), (ax_time, c.val_seconds, 1)):
+        v = val_series(c)
+        for ax, xs, final_x in ((ax_step, v.steps, 0), (ax_time, v.seconds, 1)):
             if xs:
-                ax.plot(xs, c.val_bpb, "o-", color=color, ms=3, lw=1, label=c.label)
+                ax.plot(xs, v.bpb, "o-", color=color, ms=3, lw=1, label=c.label)
+                drawn[ax][0].extend(xs)
+                drawn[ax][1].extend(v.bpb)
             if c.final is not None:
                 ax.plot([c.final[final_x]], [c.final[2]], "x", color=color, ms=8)
-    ax_step.set(title="val_bpb by step (x: roundtrip)", xlabel="step", ylabel="val_bpb")
-    ax_time.set(title="val_bpb by training wall-clock (x: roundtrip)", xlabel="training time (s)", ylabel="val_bpb")
+                drawn[ax][0].append(c.final[final_x])
+                drawn[ax][1].append(c.final[2])
+    ax_step.set(title="val_bpb by step (last dot: final pre-quant; x: roundtrip)", xlabel="step", ylabel="val_bpb")
+    ax_time.set(title="val_bpb by training wall-clock (x: roundtrip)", xlabel="training time (s)",
+                ylabel="val_bpb")
+    _scale(ax_step, *drawn[ax_step], x_span=2)  # a single step still gets a window of +-1 step
+    _scale(ax_time, *drawn[ax_time], x_span=1.0)
     for ax in (ax_step, ax_time):
         ax.grid(alpha=0.3)
     _legend(ax_step, runs)
-    return _save(fig, path)
+    return fig
+
+
+def plot_val_bpb(runs: list[tuple[Curves, str]], path: Path) -> Path:
+    return _save(val_bpb_figure(runs), path)
 
 
 def bar_chart(labels: list[str], means: list[float], stds: list[float], path: Path, title: str,
@@ -153,7 +236,7 @@ def plot_targets(targets: list[str], runs_dir: str | Path, out_dir: Path) -> lis
 def cmd_plot(args: argparse.Namespace) -> int:
     for path in plot_targets(args.targets, args.runs_dir, Path(args.out)):
         print(path)
-    return 0
+    return EXIT_OK
 
 
 def register(subparsers) -> None:

@@ -16,6 +16,7 @@ fit. Nothing is written unless every check passes, and an existing folder is nev
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -30,19 +31,17 @@ from typing import Any
 
 from pgolf.train.bundle import BUNDLE_NAME, bundle_config, bundle_modules, build_bundle, compressor_of, describe_code
 from pgolf.config import Config, ConfigError, config_from_dict
-from pgolf.rules import SIZE_CAP_BYTES, TRACK_TIME_LIMIT_S
-from pgolf.runs import RunError, find_run_dir, group_run_dirs, read_json
+from pgolf.rules import EXIT_FAILED, EXIT_OK, SIZE_CAP_BYTES, TRACK_TIME_LIMIT_S
+from pgolf.runs import RunDir, RunError, find_run_dir, group_run_dirs, read_json
 from pgolf.lab.stats import summarize
 
 DEFAULT_TRACK = "track_10min_16mb"
-ROUNDTRIP_RECEIPT = "roundtrip.json"
+ROUNDTRIP_RECEIPT = RunDir.ROUNDTRIP_RECEIPT
 # The last line `pgolf train` (and train_gpt.py) writes: the submitted score, in full.
 FINAL_LINE = re.compile(r"^final_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)\s*$", re.MULTILINE)
 SHA_IN_DESCRIPTION = re.compile(r"sha256:([0-9a-f]{16})")
 EXTRA_EVAL_KINDS = ("sliding", "ttt")
-# pgolf.train.export.ARTIFACT_NAME, without importing torch for the command line (tests/lab/test_submit.py checks
-# they agree).
-ARTIFACT_NAME = "model.pgolf"
+ARTIFACT_NAME = RunDir.ARTIFACT
 
 
 class SubmitRefused(RuntimeError):
@@ -99,16 +98,16 @@ def find_runs(targets: list[str], runs_dir: str | Path) -> list[Path]:
 
 def load_run(run_dir: Path) -> RunRecord:
     try:
-        config = read_json(run_dir / "config.json")["config"]
-        summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
+        config = read_json(RunDir(run_dir).config)["config"]
+        summary = RunDir(run_dir).read_summary()
     except (OSError, ValueError, KeyError) as exc:
         raise SubmitRefused(f"run {run_dir}: cannot read its config.json / summary.json: {exc}") from None
-    log_path = run_dir / "train.log"
+    log_path = RunDir(run_dir).log
     log = log_path.read_text(encoding="utf-8", errors="replace") if log_path.exists() else ""
-    artifact = run_dir / ARTIFACT_NAME
+    artifact = RunDir(run_dir).artifact
     record = RunRecord(run_dir, config, summary, log, int(config.get("train", {}).get("seed", 0)),
                        artifact.stat().st_size if artifact.exists() else None)
-    for path in sorted((run_dir / "receipts").glob("*.json")):
+    for path in sorted(RunDir(run_dir).receipts.glob("*.json")):
         try:
             record.receipts[path.name] = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -143,12 +142,13 @@ def recipe_problems(records: list[RunRecord]) -> list[str]:
     return problems
 
 
-def run_problems(r: RunRecord, bundle: bytes) -> list[str]:
-    """Everything that stops one run from counting, each naming the run and the reason."""
+def run_problems(r: RunRecord, bundle: bytes, rescore: bool = True) -> list[str]:
+    """Everything that stops one run from counting, each naming the run and the reason. With
+    rescore, the roundtrip receipt's score is recomputed from the artifact (`pgolf audit --rescore`)."""
     status = r.summary.get("status")
     if status not in ("done", "over_cap"):
         return [f"run {r.name}: it did not finish (status {status or 'unknown'}); only completed runs are submitted"]
-    from pgolf.eval.audit import AuditFailure, audit_file
+    from pgolf.eval.audit import AuditFailure, audit_file, rescore_file
 
     problems = []
     match = None
@@ -165,7 +165,7 @@ def run_problems(r: RunRecord, bundle: bytes) -> list[str]:
         problems.append(f"run {r.name}: receipts/{ROUNDTRIP_RECEIPT} is missing: the roundtrip score has no receipt")
     for file_name in r.receipts:
         try:
-            report = audit_file(r.run_dir / "receipts" / file_name)
+            report = audit_file(RunDir(r.run_dir).receipts / file_name)
         except AuditFailure as exc:
             problems.append(f"run {r.name}: receipt receipts/{file_name} fails the audit: {exc}")
             continue
@@ -173,8 +173,40 @@ def run_problems(r: RunRecord, bundle: bytes) -> list[str]:
                                                                rel_tol=1e-12):
             problems.append(f"run {r.name}: receipts/{ROUNDTRIP_RECEIPT} proves val_bpb {report.val_bpb}, "
                             f"not the {rt.get('val_bpb')} in summary.json")
-    problems += _size_problems(r, bundle)
+    size_problems = _size_problems(r, bundle)
+    artifact_problems = _artifact_problems(r)
+    problems += size_problems + artifact_problems
+    # Recompute the claimed score from the artifact: a consistent receipt proves nothing about
+    # whether its numbers are the model's. Skipped when the artifact itself is already refused.
+    if rescore and not problems:
+        try:
+            rescore_file(RunDir(r.run_dir).receipts / ROUNDTRIP_RECEIPT)
+        except AuditFailure as exc:
+            problems.append(f"run {r.name}: receipts/{ROUNDTRIP_RECEIPT} fails the rescore (`pgolf audit --rescore`): "
+                            f"{exc}")
     return problems
+
+
+def _artifact_problems(r: RunRecord) -> list[str]:
+    """The artifact must be the file the run wrote: its sha256 equals the one recorded at export
+    (summary.json size.artifact_sha256; runs that predate it have none), and its container
+    (header crc, payload sha256, tensors) reads back, as `pgolf eval` reads it."""
+    from pgolf.compress.container import read_artifact
+
+    if r.artifact_bytes is None:
+        return []  # _size_problems names it
+    path = RunDir(r.run_dir).artifact
+    recorded = (r.summary.get("size") or {}).get("artifact_sha256")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if recorded is not None and digest != recorded:
+        return [f"run {r.name}: {ARTIFACT_NAME} has sha256 {digest} but the run recorded {recorded} when it exported "
+                "it: the artifact changed after its run (restore the file the run wrote, or train the seed again)"]
+    try:
+        read_artifact(path)
+    except (OSError, ValueError) as exc:  # ArtifactError is a ValueError
+        return [f"run {r.name}: {ARTIFACT_NAME} is corrupt and `pgolf eval` would refuse it: {exc} (restore the file "
+                "the run wrote, or train the seed again)"]
+    return []
 
 
 def _size_problems(r: RunRecord, bundle: bytes) -> list[str]:
@@ -274,7 +306,7 @@ def _default_blurb(recipe: dict, n: int, bpb: float) -> str:
             f"{e.scheme} + {e.compressor} export; {n} seed{'s' * (n > 1)}, mean roundtrip val_bpb {bpb:.5f}.")
 
 
-def render_readme(sub: dict, records: list[RunRecord], recipe: dict) -> str:
+def render_readme(sub: dict, records: list[RunRecord], recipe: dict, rescored: bool = True) -> str:
     rows = sub["seed_results"]
     kinds = [k for k in EXTRA_EVAL_KINDS if any(f"{k}_val_bpb" in row for row in rows.values())]
     std = f" ± {sub['val_bpb_std']:.8f}" if sub["val_bpb_std"] is not None else ""
@@ -288,6 +320,8 @@ def render_readme(sub: dict, records: list[RunRecord], recipe: dict) -> str:
         f"{sub['bytes_model']:,}, code {sub['bytes_code']:,} = the length of `{BUNDLE_NAME}`); every seed fits",
         f"- Hardware: {sub['hardware']}; training time per seed at most "
         f"{max(r['train_time_s'] for r in rows.values()):.1f} s",
+        *([] if rescored else ["", "> **WARNING: submitted with `--no-rescore`: the scores above were not recomputed "
+                                   "from the artifacts** (see Checks)."]),
         "", "## Configuration", "",
         "Differences from the official baseline (pgolf's defaults), as `CONFIG` in `train_gpt.py`:", "",
     ]
@@ -320,7 +354,22 @@ def render_readme(sub: dict, records: list[RunRecord], recipe: dict) -> str:
             settings = ", ".join(f"{k} {v}" for k, v in ev["settings"].items())
             lines.append(f"\n{kind} val_bpb of seed {r.seed}: {settings}, {ev['targets']:,} targets "
                          f"(`receipts/seed{r.seed}_{ev['receipt']}`)")
-    lines += ["", "## Checks", "",
+    lines += ["", "## Checks", ""]
+    if not rescored:
+        lines += ["**WARNING: the claimed scores were NOT recomputed** (`pgolf submit --no-rescore`): the receipts "
+                  "below are consistent, but nothing checked that their numbers are what the artifacts score. Check "
+                  "them with `pgolf audit --rescore runs/<run>/receipts/roundtrip.json` before trusting them.", ""]
+    else:
+        lines.append("- Each seed's roundtrip score was recomputed from its artifact (`pgolf audit --rescore`): the "
+                     "artifact is the model the receipt names, and its sums are the receipt's.")
+    undigested = [r.name for r in records if not (r.summary.get("size") or {}).get("artifact_sha256")]
+    if undigested:
+        lines.append(f"- Run{'s' * (len(undigested) > 1)} {', '.join(undigested)} predate{'s' * (len(undigested) == 1)} "
+                     "recorded artifact digests: the artifact was checked by its size and its container's own "
+                     "checksums, not against a sha256 recorded at export.")
+    else:
+        lines.append("- Every artifact's sha256 equals the one its run recorded at export, and its container reads back.")
+    lines += [
               "- The claimed score is each seed's roundtrip val_bpb: the compressed artifact reloaded from disk and "
               "scored on the validation split; the sliding / TTT columns, where present, come from `pgolf eval` "
               "receipts and are shown, not claimed.",
@@ -388,9 +437,11 @@ def check_args(args: SubmitArgs) -> SubmitArgs:
     return args
 
 
-def submit(targets: list[str], args: SubmitArgs, out: str | Path | None = None, runs_dir: str | Path = "runs") -> Path:
+def submit(targets: list[str], args: SubmitArgs, out: str | Path | None = None, runs_dir: str | Path = "runs",
+           rescore: bool = True) -> Path:
     """Check the runs and write the records folder; returns its path. Raises SubmitRefused
-    (naming every run and reason) or ConfigError (bad arguments), writing nothing."""
+    (naming every run and reason) or ConfigError (bad arguments), writing nothing. rescore=False
+    skips recomputing each roundtrip score from its artifact (the README then says so, loudly)."""
     args = check_args(args)
     folder = records_folder(args, out)
     records = [load_run(d) for d in find_runs(targets, runs_dir)]
@@ -401,7 +452,7 @@ def submit(targets: list[str], args: SubmitArgs, out: str | Path | None = None, 
     # without brotli counted an lzma-packed file), from the modules their config needs.
     counted = str((records[0].summary.get("size") or {}).get("code_description", ""))
     bundle = build_bundle(records[0].config, bundle_modules(records[0].config), compressor_of(counted))
-    problems = [p for r in records for p in run_problems(r, bundle)]
+    problems = [p for r in records for p in run_problems(r, bundle, rescore)]
     if problems:
         raise SubmitRefused(_refusal(problems))
     if folder.exists():
@@ -409,12 +460,13 @@ def submit(targets: list[str], args: SubmitArgs, out: str | Path | None = None, 
                             "--name, --date or --out)")
     recipe = bundle_config(records[0].config)
     sub = submission_json(args, records, len(bundle), recipe)
+    sub["compliance"]["scores_recomputed"] = rescore
     files = {BUNDLE_NAME: bundle, "submission.json": (json.dumps(sub, indent=2) + "\n").encode(),
-             "README.md": render_readme(sub, records, recipe).encode()}
+             "README.md": render_readme(sub, records, recipe, rescore).encode()}
     for r in records:
-        files[f"train_seed{r.seed}.log"] = (r.run_dir / "train.log").read_bytes()
+        files[f"train_seed{r.seed}.log"] = RunDir(r.run_dir).log.read_bytes()
         for file_name in r.receipts:
-            files[f"receipts/seed{r.seed}_{file_name}"] = (r.run_dir / "receipts" / file_name).read_bytes()
+            files[f"receipts/seed{r.seed}_{file_name}"] = (RunDir(r.run_dir).receipts / file_name).read_bytes()
     _write_folder(folder, files)
     return folder
 
@@ -444,15 +496,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     sub_args = SubmitArgs(args.name, args.author, args.github, args.track, args.date or "", args.blurb or "",
                           args.hardware or "")
     try:
-        folder = submit(args.runs, sub_args, out=args.out, runs_dir=args.runs_dir)
+        folder = submit(args.runs, sub_args, out=args.out, runs_dir=args.runs_dir, rescore=not args.no_rescore)
     except SubmitRefused as exc:
         print(f"pgolf submit: refused: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     sub = read_json(folder / "submission.json")
     std = f" ± {sub['val_bpb_std']:.8f}" if sub["val_bpb_std"] is not None else ""
+    if args.no_rescore:
+        print("WARNING: --no-rescore: the claimed scores were not recomputed from the artifacts; the submission "
+              "README says so", file=sys.stderr)
     print(f"wrote {folder}: val_bpb {sub['val_bpb']:.8f}{std} over seeds {', '.join(map(str, sub['seeds']))}; "
           f"bytes_total {sub['bytes_total']:,} (code {sub['bytes_code']:,})")
-    return 0
+    return EXIT_OK
 
 
 def register(subparsers) -> None:
@@ -470,4 +525,7 @@ def register(subparsers) -> None:
     p.add_argument("--hardware", default=None, help="e.g. '8xH100 80GB SXM' (default: device and world size "
                                                     "from the runs' receipts)")
     p.add_argument("--runs-dir", default="runs", help="where group ids are looked up (default runs)")
+    p.add_argument("--no-rescore", action="store_true",
+                   help="skip recomputing each seed's roundtrip score from its artifact (slow on a big model); the "
+                        "submission README then warns that the scores were not recomputed")
     p.set_defaults(handler=cmd_submit)

@@ -55,6 +55,7 @@ from pgolf.lab.experiments import (RunsProgress, add_options_and_overrides, pars
 from pgolf.lab.ledger import ensure_run, move_to_group
 from pgolf.runs import RunDir, read_json, write_json
 from pgolf.lab.stats import ALPHA, MARGIN_NATS, summarize, verdict
+from pgolf.rules import EXIT_OK
 
 SPEC_KEYS = {"name", "preset", "data", "seeds", "base", "keep", "budget", "variants", "grid"}
 BASELINE = "baseline"
@@ -470,7 +471,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     paths = sweep.write_results(results)
     print("\n" + results_markdown(results))
     print("written: " + ", ".join(str(p) for p in paths))
-    return 0
+    return EXIT_OK
 
 
 def register(subparsers) -> None:

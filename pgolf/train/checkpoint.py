@@ -6,7 +6,8 @@ a finished run holds the weights that were exported (after the callbacks' before
 applied, QAT off); `step_XXXXXXX.opt<rank>.pt` holds each rank's optimizer state (with
 several processes Muon's momentum for a matrix lives only on the rank that owns it).
 Files are written to a temporary name and renamed, so a kill mid-write never corrupts the
-last good checkpoint. Loading uses torch.load(weights_only=True): no code is executed.
+last good checkpoint. After each new checkpoint is complete, all but the newest
+train.keep_checkpoints are deleted (prune_checkpoints). Loading uses torch.load(weights_only=True): no code is executed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from pgolf.runs import checkpoint_path
+from pgolf.runs import STEP_FILE, checkpoint_path, checkpoint_step
 from pgolf.runtime.files import atomic_write
+
 
 @dataclass
 class Checkpoint:
@@ -75,3 +77,21 @@ def load_checkpoint(path: Path, rank: int, world_size: int, map_location="cpu") 
     optimizers = torch.load(opt_path, map_location=map_location, weights_only=True)
     return Checkpoint(shared["step"], shared["training_time_ms"], shared["model"], optimizers,
                       shared["loader"], shared["world_size"], shared.get("callbacks", {}))  # none before callbacks
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
+    """Delete every checkpoint file (shared and each rank's) of steps older than the newest
+    `keep` complete checkpoints; keep <= 0 keeps all. Call only once the newest checkpoint is
+    complete on every rank. Returns the deleted files."""
+    if keep <= 0:
+        return []
+    complete = sorted(int(m.group(1)) for p in Path(ckpt_dir).glob("step_*.pt") if (m := STEP_FILE.match(p.name)))
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[-keep]
+    old = [p for p in Path(ckpt_dir).glob("step_*.pt") if (step := checkpoint_step(p)) is not None and step < oldest_kept]
+    # The shared file first: a checkpoint stops counting as complete before its parts go.
+    old.sort(key=lambda p: (checkpoint_step(p), ".opt" in p.name))
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old

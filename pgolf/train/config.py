@@ -29,6 +29,8 @@ class TrainConfig:
     train_log_every: int = 200
     grad_clip_norm: float = 0.0
     checkpoint_every: int = 0
+    # Step checkpoints kept on disk: the newest N (0 = all); older ones go once a new one is complete.
+    keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda
     compile: str = "auto"  # auto (on for CUDA) | on | off
     # Softcapped cross-entropy computed in token chunks, never holding fp32 logits for the

@@ -3,6 +3,7 @@ artifact, score the roundtrip, and write the summary."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -10,9 +11,11 @@ from pgolf.compress.accounting import check_size
 from pgolf.compress.container import ArtifactError
 from pgolf.config import Config, config_from_dict
 from pgolf.model.gpt import count_parameters, mlp_hidden_size
-from pgolf.runs import (RunDir, RunError, RunHooks, RunLogger, create_run_dir, find_run_dir, latest_checkpoint,
-                        read_json, write_json)
+from pgolf.rules import EXIT_TERMINATED
+from pgolf.runs import (RunDir, RunError, RunHooks, RunLock, RunLogger, checkpoint_step, create_run_dir,
+                        find_run_dir, latest_checkpoint, read_json, write_json)
 from pgolf.runtime.distributed import DistInfo, setup_distributed, teardown_distributed
+from pgolf.runtime.interrupts import InterruptGuard, Interrupted
 from pgolf.runtime.sdpa import attention_shape, sdpa_backend
 from pgolf.train.checkpoint import load_checkpoint
 from pgolf.train.export import export_and_roundtrip, size_to_dict
@@ -40,47 +43,73 @@ def run_training(
 
     With resume (a run id or directory) the run's saved config is used unchanged.
     interrupt_at_step stops the loop after that step as if the process were killed (tests).
+
+    Rank 0 holds the run directory's lock (RunLock) while it runs: a second writer is refused.
+    SIGINT (Ctrl-C) and SIGTERM stop it alike: the step reached is checkpointed, the summary
+    says `interrupted`; SIGINT propagates as KeyboardInterrupt (exit status 130), SIGTERM as
+    SystemExit(EXIT_TERMINATED), 143, as a process ended by SIGTERM reports.
     """
     resume_dir = find_run_dir(resume, cfg.run.runs_dir) if resume else None
     if resume_dir is not None:
         cfg = load_resumable_config(resume_dir)
     info = setup_distributed(cfg.train.device)
+    interrupts = InterruptGuard()
     try:
-        configure_backends(info.device)
-        run_dir = resume_dir or _create_run(cfg, info, preset, env_applied or [])
-        cfg.run.run_id = run_dir.name
-        summary = _run(cfg, info, run_dir, resume_dir is not None, env_applied or [], interrupt_at_step, console,
-                       hooks)
-        info.barrier()  # on success, no rank tears down while another still has collectives in flight
-        return summary
+        with interrupts:  # the previous handlers return when the run ends, however it ends
+            configure_backends(info.device)
+            if resume_dir is not None:
+                run_dir, lock = resume_dir, info.main_only(RunLock.acquire, resume_dir)
+            else:
+                run_dir, lock = _create_run(cfg, info, preset, env_applied or [])
+            cfg.run.run_id = run_dir.name
+            try:
+                summary = _run(cfg, info, run_dir, resume_dir is not None, env_applied or [], interrupt_at_step,
+                               console, hooks, interrupts, lock)
+                info.barrier()  # on success, no rank tears down while another still has collectives in flight
+            finally:
+                if info.is_main:
+                    lock.release()
+            return summary
+    except Interrupted as exc:
+        if exc.signum == signal.SIGTERM:
+            raise SystemExit(EXIT_TERMINATED) from exc
+        raise
     finally:
         teardown_distributed(info)
 
 
-def _create_run(cfg: Config, info: DistInfo, preset, env_applied) -> Path:
-    def create() -> str:
+def _create_run(cfg: Config, info: DistInfo, preset, env_applied) -> tuple[Path, RunLock]:
+    def create() -> tuple[str, RunLock]:
         run_dir = create_run_dir(cfg)
+        lock = RunLock.acquire(run_dir)  # before config.json: a resume cannot find the run unlocked
         cfg.run.run_id = run_dir.name
         write_json(RunDir(run_dir).config, {"config": cfg.to_dict(), "preset": preset, "env": env_applied})
-        return str(run_dir)
+        return str(run_dir), lock
 
-    return Path(info.main_only(create))
+    run_dir, lock = info.main_only(create)
+    return Path(run_dir), lock
 
 
 def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied, interrupt_at_step,
-         console, hooks: RunHooks) -> dict:
+         console, hooks: RunHooks, interrupts: InterruptGuard, lock: RunLock) -> dict:
     logger = RunLogger(run_dir, enabled=info.is_main, console=console)
     summary_path = RunDir(run_dir).summary
     if info.is_main:
+        if note := lock.takeover_message():
+            logger.log(note)
+            logger.event("lock_takeover", previous_owner=lock.taken_over_from)
         write_json(summary_path, {"status": "running", "run_id": run_dir.name})
         hooks.run_started(run_dir, info.device, info.world_size)
     try:
         with sdpa_backend(cfg.train.sdpa_backend, info.device, attention_shape(cfg), logger.log, info.broadcast_object):
-            return _train_export(cfg, info, run_dir, logger, resumed, env_applied, interrupt_at_step)
-    except KeyboardInterrupt:
+            return _train_export(cfg, info, run_dir, logger, resumed, env_applied, interrupt_at_step, interrupts)
+    except KeyboardInterrupt as exc:
         if info.is_main:
-            write_json(summary_path, {"status": "interrupted", "run_id": run_dir.name})
-            logger.error(_interrupted_message(run_dir))
+            by = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+            message = _interrupted_message(run_dir, by)
+            write_json(summary_path, {"status": "interrupted", "run_id": run_dir.name, "stop_reason": by,
+                                      "checkpoint_step": _latest_step(run_dir), "message": message})
+            logger.error(message)
         raise
     except Exception as exc:
         if info.is_main:
@@ -92,14 +121,19 @@ def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied,
             hooks.run_ended(run_dir)
 
 
-def _interrupted_message(run_dir: Path) -> str:
+def _latest_step(run_dir: Path) -> int | None:
     last = RunDir(run_dir).latest_checkpoint()
-    return (f"interrupted; continue from {last.name} with `pgolf train --resume {run_dir}`" if last
-            else "interrupted before any checkpoint was written (set train.checkpoint_every to make runs resumable)")
+    return checkpoint_step(last) if last else None
+
+
+def _interrupted_message(run_dir: Path, by: str) -> str:
+    last = RunDir(run_dir).latest_checkpoint()
+    return (f"interrupted by {by}; continue from {last.name} with `pgolf train --resume {run_dir}`" if last
+            else f"interrupted by {by} before any step was checkpointed; start the run again")
 
 
 def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed: bool, env_applied,
-                  interrupt_at_step) -> dict:
+                  interrupt_at_step, interrupts: InterruptGuard) -> dict:
     summary_path = RunDir(run_dir).summary
     logger.log(f"run: {run_dir}  device: {info.device}  world_size: {info.world_size}  "
                f"grad_accum_steps: {info.grad_accum_steps}")
@@ -126,7 +160,7 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
         logger.log(f"resumed from {path.name} at step {trainer.step} ({trainer.training_time_ms:.0f} ms trained)")
         logger.event("resume", step=trainer.step, checkpoint=path.name)
 
-    status, stop_reason = run_loop(trainer, cfg, info, logger, ckpt_dir, interrupt_at_step)
+    status, stop_reason = run_loop(trainer, cfg, info, logger, ckpt_dir, interrupt_at_step, interrupts)
     trainer.loader.close()  # training consumed its last batch: stop the prefetch thread
     summary = {"status": status, "run_id": run_dir.name, "steps": trainer.step,
                "train_time_ms": round(trainer.training_time_ms, 1), "stop_reason": stop_reason}

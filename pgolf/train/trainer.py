@@ -27,10 +27,11 @@ from pgolf.data.shards import (DistributedTokenLoader, check_token_range, load_v
 from pgolf.data.tokenizer import check_vocab, load_tokenizer
 from pgolf.eval.windows import EvalResult, autocast_for, evaluate_bpb
 from pgolf.model.gpt import GPT, build_model
-from pgolf.runs import RunLogger, latest_checkpoint
+from pgolf.runs import RunLogger, checkpoint_step, latest_checkpoint
 from pgolf.runtime.compile_check import RecompileWatch
 from pgolf.runtime.distributed import DistInfo
-from pgolf.train.checkpoint import Checkpoint, save_checkpoint
+from pgolf.runtime.interrupts import InterruptGuard, Interrupted
+from pgolf.train.checkpoint import Checkpoint, prune_checkpoints, save_checkpoint
 from pgolf.train.lr import lr_scale
 from pgolf.train.muon import orthogonalize
 from pgolf.train.optim import Optimizers, build_optimizers, muon_momentum_at, resolve_switch, use_parallel_muon
@@ -264,11 +265,32 @@ def save_good_checkpoint(trainer: Trainer, ckpt_dir: Path, logger: RunLogger) ->
         raise TrainingDiverged(_divergence_message(trainer.step, "the weights became non-finite", ckpt_dir))
     path = save_checkpoint(ckpt_dir, trainer.checkpoint(), trainer.info.rank, trainer.info.barrier)
     trainer.info.barrier()  # every rank continues only once the checkpoint is complete
-    logger.event("checkpoint", step=trainer.step, path=path.name)
+    pruned = prune_checkpoints(ckpt_dir, trainer.cfg.train.keep_checkpoints) if trainer.info.is_main else []
+    logger.event("checkpoint", step=trainer.step, path=path.name,
+                 **({"deleted": sorted(p.name for p in pruned)} if pruned else {}))
+
+
+def save_interruption_checkpoint(trainer: Trainer, ckpt_dir: Path, logger: RunLogger) -> None:
+    """Checkpoint the step reached, unless none was trained or it is saved already. Call only
+    at a step boundary, where model, optimizers, data stream and callbacks all hold that step."""
+    last = latest_checkpoint(ckpt_dir)
+    if trainer.step == 0 or (last is not None and checkpoint_step(last) == trainer.step):
+        return
+    try:
+        save_good_checkpoint(trainer, ckpt_dir, logger)
+    except TrainingDiverged as exc:  # non-finite weights are never saved; the interruption goes on
+        logger.error(str(exc))
 
 
 def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, ckpt_dir: Path,
-          interrupt_at_step: int | None) -> tuple[str, str]:
+             interrupt_at_step: int | None, interrupts: InterruptGuard | None = None) -> tuple[str, str]:
+    """Train to the end; returns (status, stop reason). On an interruption (Interrupted or any
+    KeyboardInterrupt) the step reached is checkpointed if it was whole, then it propagates.
+
+    `interrupts` (installed by the caller) holds signals back during a step, so one lands
+    only between steps. With several processes they are held back for the whole loop and the
+    ranks agree, in each step's collective, to stop together after the same step."""
+    interrupts = interrupts or InterruptGuard()
     tcfg = cfg.train
     # Time reserved for GPTQ comes off the training budget when it is charged to it.
     cap_ms = 1000.0 * (tcfg.max_wallclock_seconds - cfg.export.gptq_reserve_seconds) \
@@ -277,8 +299,10 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
     clock = TrainClock(info, trainer.training_time_ms)
     recompiles = RecompileWatch(enabled=trainer.compiled)
     now_ms = trainer.training_time_ms
+    mid_step = False  # True while the model, optimizers, stream and callbacks may disagree on the step
+    agreed_stop = False  # every rank stops after the same step (a signal seen in the step's collective)
     try:
-        with progress:
+        with progress, interrupts.deferred() if info.distributed else contextlib.nullcontext():
             clock.start()
             while True:
                 if trainer.step >= tcfg.iterations:
@@ -294,21 +318,26 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
                                f"val_bpb:{res.val_bpb:.4f} train_time:{now_ms:.0f}ms")
                     logger.event("val", step=trainer.step, train_time_ms=now_ms, **res.to_dict())
                     clock.start()
-                for callback in trainer.callbacks:
-                    callback.on_step_start(trainer, _progress(trainer.step, now_ms, cfg))
-                scale = lr_scale(trainer.step, now_ms, tcfg)
-                recompiles.before_step()
-                loss_value = trainer.train_step(scale).item()
-                for callback in trainer.callbacks:
-                    callback.on_step_end(trainer)
+                with interrupts.deferred():
+                    mid_step = True
+                    for callback in trainer.callbacks:
+                        callback.on_step_start(trainer, _progress(trainer.step, now_ms, cfg))
+                    scale = lr_scale(trainer.step, now_ms, tcfg)
+                    recompiles.before_step()
+                    loss_value = trainer.train_step(scale).item()
+                    for callback in trainer.callbacks:
+                        callback.on_step_end(trainer)
+                    trainer.step += 1
+                    # One collective per step: the shared clock reading, any rank's divergence and
+                    # any rank's pending signal (so every rank stops after this same step).
+                    now_ms, diverged, signum = info.max_all(
+                        [clock.local_ms(), float(not math.isfinite(loss_value)), float(interrupts.pending or 0)])
+                    trainer.training_time_ms = now_ms
+                    mid_step = False
                 if new_graphs := recompiles.after_step():
-                    logger.log(f"recompile: step {trainer.step + 1} compiled {new_graphs} new graph(s) after warmup "
+                    logger.log(f"recompile: step {trainer.step} compiled {new_graphs} new graph(s) after warmup "
                                f"(a shape or guard changed; the step stalled while compiling)")
-                    logger.event("recompile", step=trainer.step + 1, graphs=new_graphs)
-                trainer.step += 1
-                # One collective per step: the shared clock reading and any rank's divergence.
-                now_ms, diverged = info.max_all([clock.local_ms(), float(not math.isfinite(loss_value))])
-                trainer.training_time_ms = now_ms
+                    logger.event("recompile", step=trainer.step, graphs=new_graphs)
                 if diverged:
                     raise TrainingDiverged(_divergence_message(trainer.step, f"loss became {loss_value}", ckpt_dir))
                 progress.update(trainer.step, loss_value, now_ms)
@@ -317,6 +346,10 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
                                f"train_time:{now_ms:.0f}ms step_avg:{now_ms / trainer.step:.2f}ms", console=False)
                     logger.event("train", step=trainer.step, train_loss=loss_value, train_time_ms=now_ms,
                                  lr_scale=scale)
+                if signum:  # after the step's records: the checkpoint's step is the last one logged
+                    interrupts.take_pending()
+                    agreed_stop = True
+                    raise Interrupted(int(signum))
                 if tcfg.checkpoint_every > 0 and trainer.step % tcfg.checkpoint_every == 0:
                     trainer.training_time_ms = now_ms = clock.pause()
                     save_good_checkpoint(trainer, ckpt_dir, logger)
@@ -326,6 +359,14 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
     except TrainingDiverged as exc:
         logger.error(str(exc))
         return "failed", "non_finite_loss"
+    except KeyboardInterrupt:
+        # A step cut short leaves a half-updated state: never saved. With several processes the
+        # checkpoint's collectives need every rank, so only a stop they agreed on saves one.
+        if not mid_step and (agreed_stop or not info.distributed):
+            save_interruption_checkpoint(trainer, ckpt_dir, logger)
+        raise
+    if signum := interrupts.take_pending():  # held back after the last step (several processes)
+        raise Interrupted(signum)
     trainer.training_time_ms = clock.pause()
     if stop_reason == "wallclock_cap":
         logger.log(f"stopping_early: wallclock_cap train_time:{trainer.training_time_ms:.0f}ms "

@@ -83,6 +83,10 @@ def test_submit_writes_the_records_folder(runs, capsys):
     assert re.search(rf"^\| 1 \| 2 \| [\d.]+ \| [\d.]+ \| {sub['seed_results']['1']['val_bpb']:.8f} \|", readme, re.M)
     assert f"{sub['val_bpb']:.8f} ± {sub['val_bpb_std']:.8f}" in readme
     assert "SEED=2 RUN_ID=g-s2 python train_gpt.py" in readme and "cpu x 1" in readme
+    assert "roundtrip score was recomputed from its artifact" in readme and "WARNING" not in readme
+    assert "sha256 equals the one its run recorded at export" in readme
+    assert sub["compliance"]["scores_recomputed"] is True
+    assert all(len(read_json(runs / f"g-s{s}" / "summary.json")["size"]["artifact_sha256"]) == 64 for s in SEEDS)
 
     # Never overwritten: a second submission of the same name and date is refused, the folder kept.
     before = (FOLDER / "submission.json").read_bytes()
@@ -127,6 +131,46 @@ def _illegal_ttt_receipt(runs):
     write_receipt(runs / "g-s1" / "receipts" / "eval-ttt-20260101-000000.json", r)
 
 
+def _flip_bit(runs):
+    """One bit of the artifact's payload flipped: the same size, a corrupt file."""
+    path = runs / "g-s1" / "model.pgolf"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _wrong_digest(runs):
+    path = runs / "g-s2" / "summary.json"
+    summary = read_json(path)
+    summary["size"]["artifact_sha256"] = "0" * 64
+    write_json(path, summary)
+
+
+def _lowered_roundtrip(runs):
+    """The roundtrip receipt's sums and totals lowered consistently and its sha256 recomputed
+    (the plain audit accepts it), summary.json and the log's final line edited to agree."""
+    from pgolf.data.tokenizer import bits_per_byte
+    from pgolf.eval.receipt import receipt_digest
+
+    path = runs / "g-s2" / "receipts" / "roundtrip.json"
+    data = json.loads(path.read_text())
+    data.pop("sha256")
+    (event,) = data["events"]
+    event["loss_sum"] -= 1.0
+    t = data["totals"]
+    t.update(loss_sum=event["loss_sum"], val_loss=event["loss_sum"] / t["tokens"],
+             val_bpb=bits_per_byte(event["loss_sum"], t["tokens"], t["bytes"]))
+    path.write_text(json.dumps({**data, "sha256": receipt_digest(data)}))
+    summary_path = runs / "g-s2" / "summary.json"
+    summary = read_json(summary_path)
+    old = summary["roundtrip"]
+    summary["roundtrip"] = {**old, "loss_sum": t["loss_sum"], "val_loss": t["val_loss"], "val_bpb": t["val_bpb"]}
+    write_json(summary_path, summary)
+    log = runs / "g-s2" / "train.log"
+    log.write_text(log.read_text().replace(f"val_loss:{old['val_loss']:.8f} val_bpb:{old['val_bpb']:.8f}",
+                                           f"val_loss:{t['val_loss']:.8f} val_bpb:{t['val_bpb']:.8f}"))
+
+
 def _edit_config(runs, key, value):
     path = runs / "g-s2" / "config.json"
     saved = read_json(path)
@@ -155,6 +199,10 @@ def _grow_artifact(runs):
     (lambda runs: _edit_config(runs, "train.seed", 1), r"runs g-s1 and g-s2 both use seed 1"),
     (_set_status, r"run g-s2: it did not finish \(status failed\)"),
     (_grow_artifact, r"run g-s1: model\.pgolf is [\d,]+ bytes but the run accounted"),
+    (_flip_bit, r"run g-s1: model\.pgolf has sha256 [0-9a-f]{64} but the run recorded [0-9a-f]{64}"),
+    (_wrong_digest, r"run g-s2: model\.pgolf has sha256 [0-9a-f]{64} but the run recorded 0{64}"),
+    (_lowered_roundtrip, r"run g-s2: receipts/roundtrip\.json fails the rescore .*targets \(0, \d+\] differs when "
+                         r"rescored"),
     (lambda runs: shutil.rmtree(runs / "g-s2" / "receipts"), r"run g-s2: receipts/roundtrip\.json is missing"),
 ])
 def test_refusals_name_the_run_and_reason(runs, capsys, tamper, expected):
@@ -211,3 +259,30 @@ def test_refusal_is_an_exception_for_callers(runs):
     _set_status(runs)
     with pytest.raises(SubmitRefused, match="did not finish"):
         submit(["g"], SubmitArgs("Tiny Test", "A", "a"), runs_dir=runs)
+
+
+def test_a_corrupt_artifact_of_a_run_without_a_digest_is_refused(runs, capsys):
+    """Runs that predate recorded digests: the container is re-read (its crc and payload sha256)."""
+    for seed in SEEDS:
+        path = runs / f"g-s{seed}" / "summary.json"
+        summary = read_json(path)
+        del summary["size"]["artifact_sha256"]
+        write_json(path, summary)
+    _flip_bit(runs)
+    assert run_submit(runs) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"run g-s1: model\.pgolf is corrupt and `pgolf eval` would refuse it", err), err
+    assert not Path("records").exists()
+
+
+def test_undigested_runs_and_no_rescore_are_said_in_the_readme(runs, capsys):
+    path = runs / "g-s1" / "summary.json"
+    summary = read_json(path)
+    del summary["size"]["artifact_sha256"]
+    write_json(path, summary)
+    assert run_submit(runs, "--no-rescore") == 0
+    assert "--no-rescore" in capsys.readouterr().err
+    readme = (FOLDER / "README.md").read_text()
+    assert "WARNING" in readme and "NOT recomputed" in readme
+    assert "Run g-s1 predates recorded artifact digests" in readme
+    assert read_json(FOLDER / "submission.json")["compliance"]["scores_recomputed"] is False

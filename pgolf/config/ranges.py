@@ -1,0 +1,146 @@
+"""The valid range of every numeric config key, as one table (NUMERIC_RULES), and the Range
+rule that checks a value and says what it must be. Torch-free: configs load without torch.
+
+Every int and float key of every section needs a rule here (tests/config/test_ranges.py fails
+for a key without one); a non-finite float is refused for every float key whatever its range.
+Checks that relate two keys (train.eval_stride <= train.train_seq_len, ...) stay in validate().
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Range:
+    """low <= value (< low when low_open) and value <= high (< high when high_open); None: unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""  # what the boundary values mean, e.g. "0: off"
+    named: str = ""  # a word for the range, e.g. "positive": "must be positive (>= 1)"
+
+    def describe(self) -> str:
+        """The valid range in words: "within [0, 1)", "within 2..8", ">= 0", "positive (> 0)"."""
+        bounds = self._bounds()
+        return f"{self.named} ({bounds})" if self.named else bounds
+
+    def _bounds(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if isinstance(self.low, int) and isinstance(self.high, int) and not (self.low_open or self.high_open):
+            return f"within {_number(self.low)}..{_number(self.high)}"
+        return (f"within {'(' if self.low_open else '['}{_number(self.low)}, "
+                f"{_number(self.high)}{')' if self.high_open else ']'}")
+
+    def problem(self, name: str, value: Any) -> str | None:
+        """None when value is in range, else the message: the name, the valid range, the value."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name} must be a number, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            bounded = self.low is not None or self.high is not None
+            return f"{name} must be a finite number{', ' + self.describe() if bounded else ''}, got {value}"
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not (too_low or too_high):
+            return None
+        return f"{name} must be {self.describe()}, got {value}" + (f" ({self.note})" if self.note else "")
+
+
+def _number(x: float | None) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def at_least(low: float, note: str = "") -> Range:
+    return Range(low=low, note=note)
+
+
+def positive(note: str = "") -> Range:
+    """> 0 for a float (0 itself is meaningless)."""
+    return Range(low=0.0, low_open=True, note=note, named="positive")
+
+
+COUNT = Range(low=1, named="positive")  # a size or count where 0 means nothing
+FRACTION = Range(0.0, 1.0)  # [0, 1]
+MOMENTUM = Range(0.0, 1.0, high_open=True)  # [0, 1): 1 would never forget, as Adam's betas
+LEARNING_RATE = at_least(0.0, "0 freezes the group")
+# numpy's legacy seeding (np.random.seed, used by seed_everything) takes 0 .. 2**32 - 1
+SEED = Range(0, 2**32 - 1)
+
+NUMERIC_RULES: dict[str, Range] = {
+    # [model]
+    "model.vocab_size": COUNT,
+    "model.num_layers": COUNT,
+    "model.model_dim": COUNT,
+    "model.num_heads": COUNT,
+    "model.num_kv_heads": COUNT,
+    "model.mlp_mult": COUNT,
+    "model.tied_embed_init_std": at_least(0.0),
+    "model.logit_softcap": positive(),
+    "model.rope_base": positive("the base of the rotary frequencies, 10000 officially"),
+    "model.qk_gain_init": at_least(0.0),
+    "model.mlp_slope": FRACTION,
+    "model.mlp_hidden": at_least(0, "0: from model.mlp_mult, or 8/3 x model_dim when gated"),
+    "model.recurrence": at_least(1, "1: every block runs once"),
+    "model.cycle_stem": at_least(0, "all cycle_* 0: no middle cycle"),
+    "model.cycle_core": at_least(0, "all cycle_* 0: no middle cycle"),
+    "model.cycle_repeats": at_least(0, "all cycle_* 0: no middle cycle"),
+    "model.cycle_tail": at_least(0, "all cycle_* 0: no middle cycle"),
+    # [data]
+    "data.synthetic_train_tokens": at_least(2),
+    "data.synthetic_val_tokens": at_least(2),
+    "data.synthetic_seed": at_least(0),
+    # [train]
+    "train.seed": SEED,
+    "train.iterations": COUNT,
+    "train.warmdown_iters": at_least(0, "0: no warmdown"),
+    "train.warmdown_frac": FRACTION,
+    "train.warmup_steps": at_least(0, "0: no compile warmup"),
+    "train.train_batch_tokens": COUNT,
+    "train.train_seq_len": COUNT,
+    "train.max_wallclock_seconds": at_least(0.0, "0: no wall-clock cap"),
+    "train.val_batch_size": COUNT,
+    "train.val_loss_every": at_least(0, "0: only at the end"),
+    "train.val_max_tokens": at_least(0, "0: the whole validation split"),
+    "train.eval_stride": at_least(0, "0: train_seq_len, the standard evaluation"),
+    "train.train_log_every": at_least(0, "0: no periodic train-loss lines"),
+    "train.grad_clip_norm": at_least(0.0, "0: no clipping"),
+    "train.checkpoint_every": at_least(0, "0: no checkpoints"),
+    "train.keep_checkpoints": at_least(0, "0: keep every checkpoint"),
+    # [optim]
+    "optim.embed_lr": LEARNING_RATE,
+    "optim.head_lr": LEARNING_RATE,
+    "optim.tied_embed_lr": LEARNING_RATE,
+    "optim.matrix_lr": LEARNING_RATE,
+    "optim.scalar_lr": LEARNING_RATE,
+    "optim.muon_momentum": MOMENTUM,
+    "optim.muon_backend_steps": at_least(1, "Newton-Schulz iterations; 0 would not orthogonalise"),
+    "optim.muon_momentum_warmup_start": MOMENTUM,
+    "optim.muon_momentum_warmup_steps": at_least(0, "0: no momentum warmup"),
+    "optim.beta1": MOMENTUM,
+    "optim.beta2": MOMENTUM,
+    "optim.adam_eps": positive(),
+    "optim.muon_wd": at_least(0.0, "0 turns weight decay off"),
+    "optim.adam_wd": at_least(0.0, "0 turns weight decay off"),
+    # [qat]
+    "qat.start_frac": Range(0.0, 1.0, high_open=True),
+    "qat.bits": Range(2, 8),
+    # [ema]
+    "ema.decay": Range(0.0, 1.0, low_open=True, high_open=True),
+    # [export]
+    "export.gptq_seqs": COUNT,
+    "export.gptq_block": COUNT,
+    "export.gptq_damp": at_least(0.0, "the fraction of the mean Hessian diagonal added, 0.01 usually"),
+    "export.gptq_reserve_seconds": at_least(0.0, "0: GPTQ is not charged to the wall clock"),
+    "export.allocate_budget": at_least(0, "0: 16,000,000 minus the code bytes"),
+}
+
+
+def range_problems(values: dict[str, Any], rules: dict[str, Range]) -> list[str]:
+    """The message of every value outside its rule's range; values maps key -> value."""
+    return [p for key, value in values.items() if key in rules
+            for p in [rules[key].problem(key, value)] if p is not None]
