@@ -13,7 +13,7 @@ from pgolf.config import Config, ConfigError, official_env_present
 from pgolf.config.resolve import DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, data_dir_overrides, resolve_config
 from pgolf.lab.experiments import register_compare, register_run
 from pgolf.lab.export_cli import register as register_export
-from pgolf.lab.ledger import LedgerHooks, register as register_ledger
+from pgolf.lab.ledger import LedgerHooks, live_runs_on_host, register as register_ledger
 from pgolf.lab.plots import register as register_plot
 from pgolf.lab.plan_cli import register as register_plan
 from pgolf.lab.submit import register as register_submit
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue a stopped run (run id or directory)")
     train.add_argument("--nproc", type=int, default=None,
                        help="launch N data-parallel processes with torchrun (1, 2, 4 or 8)")
+    train.add_argument("--force", action="store_true",
+                       help="train even when the planner's fast lower bound says the artifact cannot fit the cap")
 
     ev = sub.add_parser("eval", help="score a run's artifact (standard, sliding window or score-first TTT)")
     ev.add_argument("target", help="a run directory (runs/<id>) or an artifact file (.pgolf)")
@@ -162,6 +164,9 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
         from pgolf.runs import new_run_id
 
         cfg, _, _ = _resolve(args)
+        refused = _size_gate(cfg, args.force)
+        if refused is not None:
+            return refused
         run_id = cfg.run.run_id or new_run_id(cfg)
         run_dir = Path(cfg.run.runs_dir) / run_id
         if run_dir.exists():
@@ -179,6 +184,13 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     return code if code in EXIT_CODES and code != EXIT_OK else EXIT_FAILED
 
 
+def _size_gate(cfg: Config, force: bool) -> int | None:
+    """The planner's fast lower bound on the artifact, before anything is built (pgolf.lab.plan_cli)."""
+    from pgolf.lab.plan import size_gate
+
+    return size_gate(cfg, force, "pgolf train")
+
+
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.nproc is not None and "RANK" not in os.environ:
         return _launch_torchrun(args, argv)
@@ -188,10 +200,15 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         if args.overrides or args.config or args.data:
             raise ConfigError("--resume continues a run with its saved config exactly; it takes no --config, "
                               "--data or overrides (start a new run to change settings)")
-        summary = run_training(Config(), resume=args.resume, hooks=LedgerHooks())
+        others = live_runs_on_host(Config().run.runs_dir, exclude=Path(args.resume).name)
+        summary = run_training(Config(), resume=args.resume, hooks=LedgerHooks(), other_runs=others)
     else:
         cfg, applied, preset = _resolve(args)
-        summary = run_training(cfg, preset=preset, env_applied=applied, hooks=LedgerHooks())
+        refused = None if os.environ.get(LAUNCHED_ENV) else _size_gate(cfg, args.force)
+        if refused is not None:
+            return refused
+        others = live_runs_on_host(cfg.run.runs_dir, exclude=cfg.run.run_id or None)
+        summary = run_training(cfg, preset=preset, env_applied=applied, hooks=LedgerHooks(), other_runs=others)
     if os.environ.get(LAUNCHED_ENV):
         return EXIT_OK
     return STATUS_EXIT_CODES.get(summary.get("status"), EXIT_FAILED)

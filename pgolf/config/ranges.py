@@ -110,6 +110,10 @@ NUMERIC_RULES: dict[str, Range] = {
     "train.train_log_every": at_least(0, "0: no periodic train-loss lines"),
     "train.grad_clip_norm": at_least(0.0, "0: no clipping"),
     "train.checkpoint_every": at_least(0, "0: no checkpoints"),
+    "train.weight_check_every": at_least(0, "0: only at validation, checkpoints and the end"),
+    "train.stall_check_steps": at_least(0, "0: no stall check"),
+    "train.stall_min_drop": at_least(0.0),
+    "train.progress_every_seconds": at_least(0.0, "0: no progress lines off a terminal"),
     "train.keep_checkpoints": at_least(0, "0: keep every checkpoint"),
     # [optim]
     "optim.embed_lr": LEARNING_RATE,
@@ -137,6 +141,8 @@ NUMERIC_RULES: dict[str, Range] = {
     "export.gptq_damp": at_least(0.0, "the fraction of the mean Hessian diagonal added, 0.01 usually"),
     "export.gptq_reserve_seconds": at_least(0.0, "0: GPTQ is not charged to the wall clock"),
     "export.allocate_budget": at_least(0, "0: 16,000,000 minus the code bytes"),
+    # [run]
+    "run.threads": at_least(0, "0: auto, the cores divided among the pgolf runs training on this host"),
 }
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pgolf.config import Config, ConfigError
 from pgolf.config.resolve import data_dir_overrides, resolve_config
-from pgolf.lab.ledger import SCORED_STATUSES, LedgerHooks, Ledger, ensure_run, format_table
+from pgolf.lab.ledger import (SCORED_STATUSES, LedgerHooks, Ledger, ensure_run, format_table,
+                              live_runs_on_host)
 from pgolf.rules import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OVER_CAP
 from pgolf.runs import RunDir, group_run_dirs
 from pgolf.lab.stats import ALPHA, MARGIN_NATS, summarize, verdict
@@ -72,7 +73,8 @@ def train_one(cfg: Config, preset: str | None, env_applied: list[str], console: 
 
     seed = cfg.train.seed
     try:
-        summary = run_training(cfg, preset=preset, env_applied=env_applied, console=console, hooks=LedgerHooks())
+        summary = run_training(cfg, preset=preset, env_applied=env_applied, console=console, hooks=LedgerHooks(),
+                               other_runs=live_runs_on_host(cfg.run.runs_dir, exclude=cfg.run.run_id or None))
         status, error = summary.get("status", "failed"), summary.get("error")
     except Exception as exc:  # noqa: BLE001 - one seed's failure, whatever it is, must not end the queue
         status, error = "failed", f"{type(exc).__name__}: {exc}"
@@ -164,6 +166,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.seeds:
         raise ConfigError("pgolf run needs --seeds, e.g. --seeds 1337,42,2025")
     seeds = parse_seeds(args.seeds)
+    from pgolf.lab.plan import size_gate
+
+    cfg, _ = resolve_with_data(args.preset, list(args.overrides), args.data)  # the seed does not change the size
+    refused = size_gate(cfg, args.force, "pgolf run")
+    if refused is not None:
+        return refused
     group, outcomes, interrupted = run_group(args.preset, seeds, list(args.overrides), args.group, args.data,
                                              console=not args.quiet)
     rows = group_rows(outcomes)
@@ -304,6 +312,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", default=None, help="group id (default: PRESET-<UTC time>)")
     p.add_argument("--data", default=None, metavar="DIR", help="official shard layout in DIR, as for `pgolf train`")
     p.add_argument("--quiet", action="store_true", help="hide each run's output; show one progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="train even when the planner's fast lower bound says the artifact cannot fit the cap")
 
 
 def add_options_and_overrides(parser: argparse.ArgumentParser, add_options) -> None:

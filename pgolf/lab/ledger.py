@@ -36,12 +36,13 @@ from typing import Any, Iterator
 
 from pgolf.config import Config, ConfigError
 from pgolf.config.resolve import resolve_config
+from pgolf.rules import EXIT_OK
 from pgolf.runs import RunDir, RunHooks, read_json, write_json
 from pgolf.runtime.processes import process_alive, process_start_time
 
 LEDGER_NAME = "ledger.sqlite"
 # Keys that label a run or set its logging/checkpoint cadence without changing what it learns.
-LABEL_KEYS = frozenset({"run.run_id", "run.name", "run.group", "run.runs_dir", "train.seed",
+LABEL_KEYS = frozenset({"run.run_id", "run.name", "run.group", "run.runs_dir", "run.threads", "train.seed",
                         "train.train_log_every", "train.checkpoint_every"})
 FINAL_STATUSES = ("done", "over_cap", "failed", "interrupted", "killed")
 SCORED_STATUSES = ("done", "over_cap")  # runs that produced an artifact and a roundtrip score
@@ -330,6 +331,18 @@ def scan_runs(runs_dir: Path) -> int:
     return added
 
 
+def live_runs_on_host(runs_dir: str | Path, exclude: str | None = None) -> int:
+    """Other pgolf runs training now on this host: ledger rows `running` whose process is alive
+    (rows() reconciles dead ones to killed). `exclude`: a run id not to count (the run itself)."""
+    host = socket.gethostname()
+    try:
+        rows = Ledger(runs_dir).rows()
+    except sqlite3.Error:
+        return 0  # an unreadable ledger must not stop a run; the thread count stays torch's default
+    return sum(1 for r in rows if r.get("status") == "running" and r.get("hostname") == host
+               and r.get("run_id") != exclude and process_alive(r.get("pid"), r.get("pid_start")))
+
+
 def cmd_ledger(args: argparse.Namespace) -> int:
     runs_dir = Path(args.runs_dir)
     if args.scan:
@@ -337,15 +350,15 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     rows = Ledger(runs_dir).rows(args.group)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return EXIT_OK
     if not rows:
         where = f"group '{args.group}' in " if args.group else ""
         print(f"no runs in {where}{ledger_path(runs_dir)} (runs register themselves; `--scan` imports older ones)")
-        return 0
+        return EXIT_OK
     short = [{**r, "config_hash": (r["config_hash"] or "")[:10], "git_commit": (r["git_commit"] or "")[:10]}
              for r in rows]
     print(format_table(list(LIST_COLUMNS), [[r[c] for c in LIST_COLUMNS] for r in short]))
-    return 0
+    return EXIT_OK
 
 
 def register(subparsers) -> None:

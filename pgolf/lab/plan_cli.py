@@ -134,3 +134,4 @@ def render(plan: dict) -> None:
     verdict = (f"[green]fits[/green]: {size['cap'] - size['total_bytes']:,} bytes to spare" if size["fits"]
                else f"[red]OVER[/red] by {size['overage']:,} bytes")
     console.print(f"\npredicted total {size['total_bytes']:,} bytes: {verdict} (planned in {plan['seconds']:.1f} s)")
+

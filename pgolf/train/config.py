@@ -29,6 +29,18 @@ class TrainConfig:
     train_log_every: int = 200
     grad_clip_norm: float = 0.0
     checkpoint_every: int = 0
+    # Divergence that stays finite (pgolf.train.trainer): every N steps (and at validation,
+    # checkpoints and the end) one fused reduction checks that no weight is non-finite or beyond
+    # fp16's 65504, the range the export stores small tensors and scales in (0: only at those points).
+    weight_check_every: int = 100
+    # A loss that never moved: after max(stall_check_steps, iterations // 10) steps the mean of
+    # the last 10 losses must be at least stall_min_drop nats below both the first 10 steps' mean
+    # and ln(vocab_size), else the run stops as failed (0: no stall check).
+    stall_check_steps: int = 50
+    stall_min_drop: float = 0.05
+    # Off a terminal (piped to a file), a progress line (step, loss, tokens/s, ETA) at least this
+    # often in wall-clock seconds; a terminal shows the progress bar instead (0: no lines).
+    progress_every_seconds: float = 30.0
     # Step checkpoints kept on disk: the newest N (0 = all); older ones go once a new one is complete.
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda
@@ -94,3 +106,7 @@ class RunConfig:
     run_id: str = ""  # empty: derived from the time, name and seed
     # Runs of one claim (e.g. the seeds of `pgolf run --seeds`) share a group id.
     group: str = ""
+    # CPU threads of this process (torch.set_num_threads, before the model is built): 0 = auto,
+    # torch's default alone, else the cores divided among the pgolf runs training on this host
+    # (the CLI counts them in the ledger), at least 1; N > 0: exactly N.
+    threads: int = 0

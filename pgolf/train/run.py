@@ -3,6 +3,7 @@ artifact, score the roundtrip, and write the summary."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -38,11 +39,14 @@ def run_training(
     interrupt_at_step: int | None = None,
     console: bool = True,
     hooks: RunHooks = RunHooks(),
+    other_runs: int = 0,
 ) -> dict:
     """Train, export and verify one run; returns its summary (also saved as summary.json).
 
     With resume (a run id or directory) the run's saved config is used unchanged.
     interrupt_at_step stops the loop after that step as if the process were killed (tests).
+    other_runs: other pgolf runs training on this host (the caller counts them: the lab's ledger);
+    with run.threads=0 the cores are divided among them and this run (apply_threads).
 
     Rank 0 holds the run directory's lock (RunLock) while it runs: a second writer is refused.
     SIGINT (Ctrl-C) and SIGTERM stop it alike: the step reached is checkpointed, the summary
@@ -53,6 +57,7 @@ def run_training(
     if resume_dir is not None:
         cfg = load_resumable_config(resume_dir)
     info = setup_distributed(cfg.train.device)
+    threads_note = apply_threads(cfg.run.threads, other_runs)
     interrupts = InterruptGuard()
     try:
         with interrupts:  # the previous handlers return when the run ends, however it ends
@@ -64,7 +69,7 @@ def run_training(
             cfg.run.run_id = run_dir.name
             try:
                 summary = _run(cfg, info, run_dir, resume_dir is not None, env_applied or [], interrupt_at_step,
-                               console, hooks, interrupts, lock)
+                               console, hooks, interrupts, lock, threads_note)
                 info.barrier()  # on success, no rank tears down while another still has collectives in flight
             finally:
                 if info.is_main:
@@ -76,6 +81,35 @@ def run_training(
         raise
     finally:
         teardown_distributed(info)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def thread_count(requested: int, other_runs: int, cores: int) -> int | None:
+    """run.threads -> the thread count to set, or None to leave torch's default: N > 0 exactly;
+    0 (auto) with no other run on the host the default, else the cores shared fairly, at least 1."""
+    if requested > 0:
+        return requested
+    if other_runs <= 0:
+        return None
+    return max(1, cores // (other_runs + 1))
+
+
+def apply_threads(requested: int, other_runs: int) -> str:
+    """Set torch's intra-op threads (before any model is built) and return the line to log."""
+    import torch
+
+    threads = thread_count(requested, other_runs, available_cores())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    how = "run.threads" if requested > 0 else ("auto" if threads is not None else "torch's default")
+    return (f"threads: {torch.get_num_threads()} ({other_runs} other pgolf runs training on this host; {how}, "
+            f"{available_cores()} cores)")
 
 
 def _create_run(cfg: Config, info: DistInfo, preset, env_applied) -> tuple[Path, RunLock]:
@@ -91,8 +125,10 @@ def _create_run(cfg: Config, info: DistInfo, preset, env_applied) -> tuple[Path,
 
 
 def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied, interrupt_at_step,
-         console, hooks: RunHooks, interrupts: InterruptGuard, lock: RunLock) -> dict:
+         console, hooks: RunHooks, interrupts: InterruptGuard, lock: RunLock, threads_note: str = "") -> dict:
     logger = RunLogger(run_dir, enabled=info.is_main, console=console)
+    if threads_note:
+        logger.log(threads_note)
     summary_path = RunDir(run_dir).summary
     if info.is_main:
         if note := lock.takeover_message():

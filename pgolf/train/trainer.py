@@ -40,7 +40,18 @@ from pgolf.train.callbacks import CALLBACKS, TrainCallback
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """Training went wrong beyond recovery: the loss became NaN or infinite, the weights left the
+    range the export can store, or the loss never moved. `reason` is the run's stop reason."""
+
+    def __init__(self, message: str, reason: str = "non_finite_loss"):
+        super().__init__(message)
+        self.reason = reason
+
+
+# The largest finite fp16: the export stores small tensors and the int8 scales in fp16.
+FP16_MAX = 65504.0
+# Losses averaged for the stall check: the first steps' and the latest steps'.
+STALL_WINDOW = 10
 
 
 @dataclass
@@ -258,11 +269,36 @@ class TrainClock:
         return self.base_ms
 
 
+def weight_abs_max(model: torch.nn.Module) -> float:
+    """The largest |w| over the model's parameters, NaN if any is NaN: one fused reduction
+    (a multi-tensor inf-norm) and one read of the result."""
+    params = [p.detach() for p in model.parameters() if p.numel()]  # an empty one has no max
+    if not params:
+        return 0.0
+    norms = torch._foreach_norm(params, float("inf"))
+    return float(torch.stack([n.float() for n in norms]).max())
+
+
+def weights_bad(abs_max: float) -> bool:
+    """Non-finite, or beyond the fp16 range the export stores small tensors and scales in."""
+    return not abs_max <= FP16_MAX  # NaN compares False
+
+
+def _weights_problem(abs_max: float) -> str:
+    if not math.isfinite(abs_max):
+        return f"the weights became non-finite (max |w| = {abs_max})"
+    return (f"the weights grew to max |w| = {abs_max:.4g}, beyond fp16's {FP16_MAX:.0f} that the export stores "
+            f"small tensors and scales in")
+
+
 def save_good_checkpoint(trainer: Trainer, ckpt_dir: Path, logger: RunLogger) -> None:
-    """Save only finite weights, so the latest checkpoint is always a good one."""
-    finite = torch.stack([torch.isfinite(p).all() for p in trainer.base_model.parameters()]).all()
-    if not trainer.info.max_all([float(not bool(finite))])[0] == 0.0:
-        raise TrainingDiverged(_divergence_message(trainer.step, "the weights became non-finite", ckpt_dir))
+    """Save only weights that are finite and within the export's fp16 range, so the latest
+    checkpoint is always a good one."""
+    abs_max = weight_abs_max(trainer.base_model)
+    if trainer.info.max_all([float(weights_bad(abs_max))])[0] != 0.0:
+        what = _weights_problem(abs_max) if weights_bad(abs_max) else "another rank's weights went out of range"
+        raise TrainingDiverged(_divergence_message(trainer.step, what, ckpt_dir, trainer.cfg.train.checkpoint_every),
+                               "weights_out_of_range")
     path = save_checkpoint(ckpt_dir, trainer.checkpoint(), trainer.info.rank, trainer.info.barrier)
     trainer.info.barrier()  # every rank continues only once the checkpoint is complete
     pruned = prune_checkpoints(ckpt_dir, trainer.cfg.train.keep_checkpoints) if trainer.info.is_main else []
@@ -295,7 +331,10 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
     # Time reserved for GPTQ comes off the training budget when it is charged to it.
     cap_ms = 1000.0 * (tcfg.max_wallclock_seconds - cfg.export.gptq_reserve_seconds) \
         if tcfg.max_wallclock_seconds > 0 else None
-    progress = TrainProgress(tcfg.iterations, enabled=info.is_main and logger.console, logger=logger)
+    progress = TrainProgress(tcfg.iterations, enabled=info.is_main and logger.console, logger=logger,
+                             every_seconds=tcfg.progress_every_seconds, batch_tokens=tcfg.train_batch_tokens,
+                             cap_ms=cap_ms, start_step=trainer.step, start_ms=trainer.training_time_ms)
+    stall = StallCheck(cfg, trainer.step)
     clock = TrainClock(info, trainer.training_time_ms)
     recompiles = RecompileWatch(enabled=trainer.compiled)
     now_ms = trainer.training_time_ms
@@ -328,10 +367,17 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
                     for callback in trainer.callbacks:
                         callback.on_step_end(trainer)
                     trainer.step += 1
-                    # One collective per step: the shared clock reading, any rank's divergence and
-                    # any rank's pending signal (so every rank stops after this same step).
-                    now_ms, diverged, signum = info.max_all(
-                        [clock.local_ms(), float(not math.isfinite(loss_value)), float(interrupts.pending or 0)])
+                    # Divergence that stays finite: the weights' range on the steps due, the loss
+                    # against its start once (both cheap; neither changes the training).
+                    abs_max = weight_abs_max(trainer.base_model) if _weight_check_due(trainer.step, tcfg) else 0.0
+                    stall.record(loss_value)
+                    stalled = stall.due(trainer.step) and stall.stalled()
+                    # One collective per step: the shared clock reading, any rank's divergence,
+                    # any rank's pending signal (so every rank stops after this same step), and
+                    # any rank's out-of-range weights or stalled loss.
+                    now_ms, diverged, signum, bad_weights, any_stalled = info.max_all(
+                        [clock.local_ms(), float(not math.isfinite(loss_value)), float(interrupts.pending or 0),
+                         float(weights_bad(abs_max)), float(stalled)])
                     trainer.training_time_ms = now_ms
                     mid_step = False
                 if new_graphs := recompiles.after_step():
@@ -339,7 +385,9 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
                                f"(a shape or guard changed; the step stalled while compiling)")
                     logger.event("recompile", step=trainer.step, graphs=new_graphs)
                 if diverged:
-                    raise TrainingDiverged(_divergence_message(trainer.step, f"loss became {loss_value}", ckpt_dir))
+                    raise TrainingDiverged(_divergence_message(trainer.step, f"loss became {loss_value}", ckpt_dir,
+                                                               tcfg.checkpoint_every))
+                _raise_if_unhealthy(trainer, ckpt_dir, abs_max, bad_weights, stall, stalled, any_stalled)
                 progress.update(trainer.step, loss_value, now_ms)
                 if tcfg.train_log_every > 0 and (trainer.step <= 10 or trainer.step % tcfg.train_log_every == 0):
                     logger.log(f"step:{trainer.step}/{tcfg.iterations} train_loss:{loss_value:.4f} "
@@ -358,7 +406,7 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
                     return "interrupted", "interrupt_at_step"
     except TrainingDiverged as exc:
         logger.error(str(exc))
-        return "failed", "non_finite_loss"
+        return "failed", exc.reason
     except KeyboardInterrupt:
         # A step cut short leaves a half-updated state: never saved. With several processes the
         # checkpoint's collectives need every rank, so only a stop they agreed on saves one.
@@ -368,10 +416,39 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
     if signum := interrupts.take_pending():  # held back after the last step (several processes)
         raise Interrupted(signum)
     trainer.training_time_ms = clock.pause()
+    try:  # the weights about to be exported, and a loss that never moved in a run too short to check before
+        abs_max = weight_abs_max(trainer.base_model)
+        stalled = stall.due(trainer.step, final=True) and stall.stalled()
+        bad_weights, any_stalled = info.max_all([float(weights_bad(abs_max)), float(stalled)])
+        _raise_if_unhealthy(trainer, ckpt_dir, abs_max, bad_weights, stall, stalled, any_stalled)
+    except TrainingDiverged as exc:
+        logger.error(str(exc))
+        return "failed", exc.reason
     if stop_reason == "wallclock_cap":
         logger.log(f"stopping_early: wallclock_cap train_time:{trainer.training_time_ms:.0f}ms "
                    f"step:{trainer.step}/{tcfg.iterations}")
     return "trained", stop_reason
+
+
+def _weight_check_due(step: int, tcfg) -> bool:
+    """Every train.weight_check_every steps and before each validation (checkpoints check their own)."""
+    return ((tcfg.weight_check_every > 0 and step % tcfg.weight_check_every == 0)
+            or (tcfg.val_loss_every > 0 and step % tcfg.val_loss_every == 0))
+
+
+def _raise_if_unhealthy(trainer: Trainer, ckpt_dir: Path, abs_max: float, bad_weights: float,
+                        stall: "StallCheck", stalled: bool, any_stalled: float) -> None:
+    """Raise TrainingDiverged when any rank saw out-of-range weights or a stalled loss."""
+    every = trainer.cfg.train.checkpoint_every
+    if bad_weights:
+        what = _weights_problem(abs_max) if weights_bad(abs_max) else "another rank's weights went out of range"
+        raise TrainingDiverged(_divergence_message(trainer.step, what, ckpt_dir, every), "weights_out_of_range")
+    if any_stalled:
+        what = stall.problem() if stalled else "another rank's training loss has not moved from its start"
+        raise TrainingDiverged(_divergence_message(
+            trainer.step, what, ckpt_dir, every,
+            cause="the learning rates are likely too high (or far too low), or the data or labels are broken"),
+            "loss_stalled")
 
 
 def _progress(step: int, elapsed_ms: float, cfg: Config) -> float:
@@ -381,9 +458,70 @@ def _progress(step: int, elapsed_ms: float, cfg: Config) -> float:
     return step / max(cfg.train.iterations, 1)
 
 
-def _divergence_message(step: int, what: str, ckpt_dir: Path) -> str:
+def _divergence_message(step: int, what: str, ckpt_dir: Path, checkpoint_every: int,
+                        cause: str = "the learning rates are likely too high") -> str:
     last = latest_checkpoint(ckpt_dir)
     fix = "lower the learning rates or set train.grad_clip_norm and start a new run"
-    where = (f"the last good checkpoint {last} is kept (its weights are finite); {fix}" if last
-             else f"no checkpoint had been written (train.checkpoint_every=0); {fix}")
-    return f"training stopped: {what} at step {step}; {where}"
+    if last is not None:
+        where = (f"the last good checkpoint {last} is kept (its weights are finite and within fp16 range; "
+                 f"train.checkpoint_every={checkpoint_every})")
+    elif checkpoint_every > 0:
+        where = (f"no checkpoint had been written yet (train.checkpoint_every={checkpoint_every}: "
+                 f"the first is due at step {checkpoint_every})")
+    else:
+        where = "no checkpoint is kept (train.checkpoint_every=0: checkpoints are off)"
+    return f"training stopped: {what} at step {step}; {cause}; {where}; {fix}"
+
+
+class StallCheck:
+    """Spots a loss that never moved from its start (e.g. a learning rate so high the model sits
+    at the uniform prediction, loss ln(vocab), while its weights grow).
+
+    The rule: once max(train.stall_check_steps, iterations // 10) steps are trained (or at the end
+    of a run shorter than that but of at least stall_check_steps steps), the mean of the last
+    STALL_WINDOW losses must be at least train.stall_min_drop nats below the reference, the lower
+    of ln(vocab_size) and the mean of the first STALL_WINDOW losses (when this process trained
+    them from step 0). A healthy run is far below both by then (on the smoke preset the mean drops over
+    3 nats by step 50, on the FineWeb sample tiny config about 1), and runs shorter than
+    stall_check_steps are never checked. Checked once per run; each rank checks its own losses."""
+
+    def __init__(self, cfg: Config, start_step: int):
+        tcfg = cfg.train
+        self.enabled = tcfg.stall_check_steps > 0
+        self.min_steps = tcfg.stall_check_steps
+        self.at_step = max(tcfg.stall_check_steps, tcfg.iterations // 10)
+        self.min_drop = tcfg.stall_min_drop
+        self.ln_vocab = math.log(cfg.model.vocab_size)
+        self.from_start = start_step == 0
+        self.first: list[float] = []
+        self.recent: list[float] = []
+        self.done = False
+
+    def record(self, loss: float) -> None:
+        if not self.enabled or self.done:
+            return
+        if self.from_start and len(self.first) < STALL_WINDOW:
+            self.first.append(loss)
+        self.recent = (self.recent + [loss])[-STALL_WINDOW:]
+
+    def due(self, step: int, final: bool = False) -> bool:
+        if not self.enabled or self.done or len(self.recent) < STALL_WINDOW:
+            return False
+        return step == self.at_step or (final and step >= self.min_steps)
+
+    def stalled(self) -> bool:
+        """Marks the check done; True when the loss has not dropped from its reference."""
+        self.done = True
+        return self.recent_mean() > self.reference() - self.min_drop
+
+    def reference(self) -> float:
+        first = sum(self.first) / len(self.first) if len(self.first) == STALL_WINDOW else math.inf
+        return min(first, self.ln_vocab)
+
+    def recent_mean(self) -> float:
+        return sum(self.recent) / len(self.recent)
+
+    def problem(self) -> str:
+        return (f"the training loss has not moved: mean {self.recent_mean():.4f} over the last {STALL_WINDOW} steps, "
+                f"not {self.min_drop:g} below its start {self.reference():.4f} (ln(vocab_size) = {self.ln_vocab:.4f}; "
+                f"rule: train.stall_check_steps, train.stall_min_drop)")
