@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from pgolf.lab.sweep import register as register_sweep
 from pgolf.eval.ttt import TTTConfig
 from pgolf import __version__
 from pgolf.rules import (EVAL_TIME_LIMIT_S, EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
-                         MICRO_BATCHES, STATUS_EXIT_CODES)
+                         MICRO_BATCHES, summary_exit_code)
 from pgolf.runs import RunDir
 
 # Set by `pgolf train --nproc`: workers then report handled outcomes through summary.json and
@@ -175,11 +176,17 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "pgolf", *forwarded]
     print("launching: " + " ".join(cmd), flush=True)
-    code = subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
+    launcher = subprocess.Popen(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
+    # A scheduler's SIGTERM reaches this process only: pass it on, so torchrun stops the workers
+    # and each checkpoints and exits as an interrupted run (Ctrl-C reaches the whole group).
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: launcher.send_signal(signal.SIGTERM))
+    try:
+        code = launcher.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary_path = RunDir(run_dir).summary
     if summary_path.exists():
-        status = json.loads(summary_path.read_text(encoding="utf-8")).get("status")
-        return STATUS_EXIT_CODES.get(status, EXIT_FAILED)
+        return summary_exit_code(json.loads(summary_path.read_text(encoding="utf-8")))
     # No summary: the workers died before writing one; keep torchrun's status only where it is ours.
     return code if code in EXIT_CODES and code != EXIT_OK else EXIT_FAILED
 
@@ -211,7 +218,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         summary = run_training(cfg, preset=preset, env_applied=applied, hooks=LedgerHooks(), other_runs=others)
     if os.environ.get(LAUNCHED_ENV):
         return EXIT_OK
-    return STATUS_EXIT_CODES.get(summary.get("status"), EXIT_FAILED)
+    return summary_exit_code(summary)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

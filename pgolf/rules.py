@@ -24,3 +24,11 @@ EXIT_CODES = {
 }
 # A finished run's summary status -> the exit status of `pgolf train` and of a shipped train_gpt.py.
 STATUS_EXIT_CODES = {"done": EXIT_OK, "over_cap": EXIT_OVER_CAP, "interrupted": EXIT_INTERRUPTED}
+
+
+def summary_exit_code(summary: dict) -> int:
+    """The exit status a run's summary.json stands for (as `pgolf train` itself would exit)."""
+    if summary.get("status") == "interrupted" and summary.get("stop_reason") == "SIGTERM":
+        return EXIT_TERMINATED
+    return STATUS_EXIT_CODES.get(summary.get("status"), EXIT_FAILED)
+

@@ -123,9 +123,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _train_and_signal(tmp_path: Path, run_id: str, signum: int, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """`pgolf train` in a subprocess, sent signum once it has logged two steps."""
-    args = ["train", *synthetic_overrides(tmp_path), *TINY_MODEL, *TINY_TRAIN, *extra, f"run.run_id={run_id}"]
+def _train_and_signal(tmp_path: Path, run_id: str, signum: int, *extra: str,
+                      options: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, Path]:
+    """`pgolf train [options]` in a subprocess, sent signum once it has logged two steps."""
+    args = ["train", *options, *synthetic_overrides(tmp_path), *TINY_MODEL, *TINY_TRAIN, *extra, f"run.run_id={run_id}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     run_dir = tmp_path / "runs" / run_id
@@ -213,3 +214,15 @@ def test_keep_checkpoints_is_validated(tmp_path):
     cfg.train.keep_checkpoints = -1
     with pytest.raises(ConfigError, match="train.keep_checkpoints"):
         validate(cfg)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_nproc_launcher_reaches_the_workers(tmp_path):
+    """A scheduler signals `pgolf train --nproc N`, not its workers: the launcher passes SIGTERM
+    on, the workers checkpoint and stop, and the launcher exits 143 as a single process would."""
+    done, run_dir = _train_and_signal(tmp_path, "launched", signal.SIGTERM, "train.iterations=3000", *EXACT,
+                                      options=("--nproc", "1"))
+    assert done.returncode == 143, done.stderr[-2000:]
+    summary = RunDir(run_dir).read_summary()
+    assert summary["status"] == "interrupted" and summary["stop_reason"] == "SIGTERM"
+    assert RunDir(run_dir).latest_checkpoint().name == f"step_{summary['checkpoint_step']:07d}.pt"
