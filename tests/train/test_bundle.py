@@ -20,7 +20,7 @@ from pgolf.train.bundle import (LOADER_CALLS, MODULE_SEPARATOR, _module_path, bu
 from pgolf.train.entry import BUNDLE_EXIT_CODES, run_bundled
 from pgolf.train.minify import minify_source
 from pgolf.train.shake import shake
-from pgolf.cli import STATUS_EXIT_CODES
+from pgolf.rules import STATUS_EXIT_CODES
 from pgolf.config import Config
 from pgolf.runs import read_json, read_metrics
 from pgolf.train.run import run_training
