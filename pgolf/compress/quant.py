@@ -32,7 +32,7 @@ one int8.
 
 Each storage kind is an entry of the quantizer registry (``pgolf.compress.quantizers``: its
 quantize and dequantize functions and format label); this module decides which kind each
-tensor of a state dict gets. ``DEQUANTIZERS`` and ``KINDS`` are views of that registry.
+tensor of a state dict gets. ``KINDS`` lists that registry's kinds.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ from pgolf.compress.quantizers.rows import (DEFAULT_CLIP_GRID, MAX_BITS, MIN_BIT
 
 __all__ = [
     "CONTROL_PATTERNS", "KEEP_FLOAT_MAX_NUMEL", "CLIP_PERCENTILE", "KINDS",
-    "QuantizedTensor", "QuantStats", "SCHEMES", "DEQUANTIZERS",
+    "QuantizedTensor", "QuantStats", "SCHEMES",
     "is_control_tensor", "quantize_tensor_int8", "quantize_state_dict",
     "dequantize_tensor", "dequantize_state_dict", "dtype_name", "dtype_from_name",
     "MIN_BITS", "MAX_BITS", "FLOAT_SPECS", "DEFAULT_CLIP_GRID", "BitsSpec", "BitsFor",
@@ -67,24 +67,6 @@ KEEP_FLOAT_MAX_NUMEL = 65_536
 
 KINDS = tuple(sorted(QUANTIZERS))  # the registered storage kinds
 
-
-class _Dequantizers(Mapping):
-    """kind -> dequantizer, read from the quantizer registry (kept for older callers)."""
-
-    def __getitem__(self, kind: str) -> Callable[[QuantizedTensor], torch.Tensor]:
-        if kind not in QUANTIZERS:
-            raise KeyError(kind)
-        return QUANTIZERS[kind].dequantize
-
-    def __iter__(self):
-        return iter(QUANTIZERS)
-
-    def __len__(self) -> int:
-        return len(QUANTIZERS)
-
-
-# kind -> dequantizer; the result is cast to ``orig_dtype`` by dequantize_tensor
-DEQUANTIZERS: Mapping[str, Callable[[QuantizedTensor], torch.Tensor]] = _Dequantizers()
 
 BitsSpec = Union[int, str, None]  # N in [MIN_BITS, MAX_BITS], "fp16", "fp32", or None (= default)
 BitsFor = Callable[[str, torch.Tensor], BitsSpec]

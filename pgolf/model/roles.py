@@ -147,11 +147,6 @@ def export_passthrough(model: nn.Module) -> dict[str, str]:
     return {name: kind for name, kind in export_treatment(model).items() if kind != "scheme"}
 
 
-def fp32_passthrough_names(model: nn.Module) -> frozenset[str]:
-    """The names the export keeps in fp32: what quant.is_control_tensor's patterns pick today."""
-    return frozenset(n for n, kind in export_passthrough(model).items() if kind == "fp32")
-
-
 def qat_eligible_names(model: nn.Module) -> frozenset[str]:
     """The parameters quantization-aware training may fake-quantize (qat.pattern narrows them)."""
     return frozenset(n for n, role in param_roles(model).items() if ROLE_TABLE[role].qat)

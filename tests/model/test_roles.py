@@ -15,7 +15,7 @@ from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, build_model
 from pgolf.compress.quant import CONTROL_PATTERNS
 from pgolf.model.roles import (ROLE_TABLE, Role, UntaggedParameterError, component_of, export_passthrough,
-                               fp32_passthrough_names, lr_key, param_roles, qat_eligible_names,
+                               lr_key, param_roles, qat_eligible_names,
                                role_of, tag)
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -133,7 +133,8 @@ def test_export_and_qat_views(tie):
     model = tiny(tie_embeddings=tie)
     names = [n for n, _ in model.named_parameters()]
     # The export's fp32 passthrough today: names containing one of the control patterns.
-    assert fp32_passthrough_names(model) == {n for n in names if any(p in n for p in CONTROL_PATTERNS)}
+    assert {n for n, kind in export_passthrough(model).items() if kind == "fp32"} == \
+        {n for n in names if any(p in n for p in CONTROL_PATTERNS)}
     assert set(export_passthrough(model).values()) == {"fp32"}  # no GATE parameters in the baseline
     assert qat_eligible_names(model) == {n for n in names if n.startswith("blocks.") and n.endswith(".weight")}
 
