@@ -88,7 +88,6 @@ import json
 import lzma
 import os
 import struct
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -101,6 +100,7 @@ import torch
 from pgolf.compress.packing import pack_bits, unpack_bits
 from pgolf.compress.quantizers.registry import QuantizedTensor, component_label, dtype_name, format_label, get_quantizer
 from pgolf.compress.quantizers.rows import qmax_for
+from pgolf.runtime.files import atomic_write
 
 __all__ = [
     "MAGIC", "FORMAT_VERSION", "READ_VERSIONS", "COMPRESSORS", "COMPRESSOR_ORDER",
@@ -559,23 +559,12 @@ def describe_artifact(blob: bytes, estimate: bool = False, source: str = "<bytes
 
 
 def write_artifact(path: str | os.PathLike, blob: bytes, overwrite: bool = False) -> int:
-    """Atomically write ``blob`` to ``path`` (temp file + os.replace); returns bytes written.
+    """Atomically write ``blob`` to ``path`` (pgolf.runtime.files.atomic_write); returns bytes written.
     Refuses to replace an existing file unless ``overwrite``."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, blob)
     return len(blob)
 
 

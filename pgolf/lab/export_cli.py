@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pgolf.config import ConfigError, apply_overrides, config_from_dict, validate
 from pgolf.rules import EXIT_OK, EXIT_OVER_CAP
 from pgolf.runs import RunDir, RunError, checkpoint_step, find_run_dir, read_json
+from pgolf.runtime.files import atomic_write
 
 EXPORTS_DIR = "exports"  # inside a run directory: artifacts re-exported by `pgolf export`
 OVERRIDABLE = "export."
@@ -60,24 +59,11 @@ def check_out_path(run_dir: Path, out: Path) -> None:
 
 
 def write_new_file(path: Path, blob: bytes) -> None:
-    """Write blob to path, which must not exist: written to a temporary file, then hard-linked in
-    place (fails if path appeared meanwhile), so a file is never replaced nor left half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write blob to path, which must not exist (nor appear meanwhile): never replaced, never half-written."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise ConfigError(f"{path} appeared while exporting and is never overwritten; run again") from None
-        except OSError:  # a filesystem without hard links: create exclusively
-            with open(path, "xb") as f:
-                f.write(blob)
-    finally:
-        os.unlink(tmp)
+        atomic_write(path, blob, replace=False)
+    except FileExistsError:
+        raise ConfigError(f"{path} appeared while exporting and is never overwritten; run again") from None
 
 
 def reexport(run: str, out: str | None = None, overrides: list[str] | tuple = (), runs_dir: str = "runs",
