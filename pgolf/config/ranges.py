@@ -130,6 +130,7 @@ NUMERIC_RULES: dict[str, Range] = {
     "optim.adam_eps": positive(),
     "optim.muon_wd": at_least(0.0, "0 turns weight decay off"),
     "optim.adam_wd": at_least(0.0, "0 turns weight decay off"),
+    "optim.embed_wd": at_least(-1.0, "-1: the same as optim.adam_wd"),
     # [qat]
     "qat.start_frac": Range(0.0, 1.0, high_open=True),
     "qat.bits": Range(2, 8),

@@ -30,6 +30,9 @@ class Role(enum.Enum):
     HEAD = "head"  # an untied output projection to the vocabulary
     CONTROL = "control"  # a small gain / mix / skip weight, kept in fp32 end to end
     GATE = "gate"  # a small learned gate of a technique; like CONTROL but exported as fp16
+    # A small matrix of an add-on (the projection of a bigram or value-embedding table): Adam at
+    # the scalar lr, as the records train them, and exported by the scheme (fp16 while small).
+    SIDE_MATRIX = "side_matrix"
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,13 @@ ROLE_TABLE: dict[Role, RoleTreatment] = {
     # Muon orthogonalises whole matrices; fp32 master weights, cast to the input dtype per use.
     Role.MATRIX: RoleTreatment("muon", "matrix_lr", "muon_wd", torch.float32, "scheme", True, None),
     # Sparse rows: Adam. bf16 on CUDA, as the official baseline; tied, it is the head too.
-    Role.EMBEDDING: RoleTreatment("adam_token", "embed_lr", "adam_wd", torch.bfloat16, "scheme", False, "embedding",
+    Role.EMBEDDING: RoleTreatment("adam_token", "embed_lr", "embed_wd", torch.bfloat16, "scheme", False, "embedding",
                                   tied_lr_key="tied_embed_lr"),
     Role.HEAD: RoleTreatment("adam_head", "head_lr", "adam_wd", torch.float32, "scheme", False, "embedding"),
     # Few numbers with a large effect on the function: full precision everywhere.
     Role.CONTROL: RoleTreatment("adam_scalar", "scalar_lr", "adam_wd", torch.float32, "fp32", False, "control"),
     Role.GATE: RoleTreatment("adam_scalar", "scalar_lr", "adam_wd", torch.float32, "fp16", False, "control"),
+    Role.SIDE_MATRIX: RoleTreatment("adam_scalar", "scalar_lr", "adam_wd", torch.float32, "scheme", False, "embedding"),
 }
 
 ROLES_ATTR = "_param_roles"  # {parameter's own name: Role} on the module that owns it

@@ -69,7 +69,9 @@ class OptimConfig:
     adam_eps: float = 1e-8
     # Decoupled weight decay p <- p (1 - lr wd) with each group's scheduled lr; 0 = off (official).
     muon_wd: float = 0.0
-    adam_wd: float = 0.0  # every Adam group: embedding, head, control scalars
+    adam_wd: float = 0.0  # the Adam groups: head, control scalars, add-on matrices (and the tables, below)
+    # The embedding tables' (token, bigram, value-embedding) weight decay; -1: the same as adam_wd.
+    embed_wd: float = -1.0
     # Newton-Schulz on stacks of same-shape matrices in one batched call: auto (on for CUDA) | on | off
     batched_ns: str = "auto"
     # With several processes: reduce-scatter the matrix gradients, each rank orthogonalises its

@@ -70,6 +70,12 @@ def muon_momentum_at(step: int, cfg: OptimConfig) -> float:
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
 
 
+def weight_decay(cfg: OptimConfig, key: str) -> float:
+    """The optim.* weight decay `key` names; embed_wd < 0 follows adam_wd."""
+    value = getattr(cfg, key)
+    return cfg.adam_wd if key == "embed_wd" and value < 0 else value
+
+
 def resolve_switch(setting: str, default_on: bool) -> bool:
     """An auto | on | off config switch as a bool, `default_on` deciding auto."""
     return setting == "on" or (setting == "auto" and default_on)
@@ -113,14 +119,14 @@ def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device, paralle
     fused = device.type == "cuda"  # the fused Adam kernel is CUDA-only
 
     def groups(opt_name: str) -> list[dict]:
-        return [{"params": members, "lr": getattr(cfg, lr), "base_lr": getattr(cfg, lr), "weight_decay": getattr(cfg, wd)}
+        return [{"params": members, "lr": getattr(cfg, lr), "base_lr": getattr(cfg, lr), "weight_decay": weight_decay(cfg, wd)}
                 for (lr, wd), members in plan.get(opt_name, {}).items()]
 
     def adam(opt_name: str) -> torch.optim.Adam | None:
         if opt_name not in plan:
             return None
         kwargs = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
-        if cfg.adam_wd > 0:  # AdamW's decay is decoupled: p <- p (1 - lr wd)
+        if cfg.adam_wd > 0 or weight_decay(cfg, "embed_wd") > 0:  # AdamW's decay is decoupled: p <- p (1 - lr wd)
             return torch.optim.AdamW(groups(opt_name), weight_decay=cfg.adam_wd, **kwargs)
         return torch.optim.Adam(groups(opt_name), **kwargs)
 

@@ -122,7 +122,7 @@ def test_role_table_is_complete_and_lr_keys_follow_tying():
     for role, t in ROLE_TABLE.items():
         assert t.optimizer in ("adam_token", "muon", "adam_scalar", "adam_head"), role
         assert t.export in ("scheme", "fp32", "fp16"), role
-        assert t.lr_key.endswith("_lr") and t.wd_key in ("muon_wd", "adam_wd"), role
+        assert t.lr_key.endswith("_lr") and t.wd_key in ("muon_wd", "adam_wd", "embed_wd"), role
     assert lr_key(Role.EMBEDDING, True) == "tied_embed_lr" and lr_key(Role.EMBEDDING, False) == "embed_lr"
     assert lr_key(Role.MATRIX, True) == "matrix_lr" and lr_key(Role.HEAD, False) == "head_lr"
     assert {r for r, t in ROLE_TABLE.items() if t.qat} == {Role.MATRIX}

@@ -401,6 +401,19 @@ def test_weight_decay_of_every_group_uses_its_scheduled_lr_exactly(tie):
             assert torch.equal(p.detach(), before[name] * (1 - group["lr"] * wd)), name
 
 
+def test_embedding_tables_take_their_own_weight_decay_and_follow_adam_wd_by_default():
+    model = GPT(ModelConfig(**TINY))
+    follows = build_optimizers(model, OptimConfig(adam_wd=0.04), CPU)
+    assert follows.adam_token.param_groups[0]["weight_decay"] == 0.04
+    own = build_optimizers(model, OptimConfig(adam_wd=0.04, embed_wd=0.0), CPU)
+    assert own.adam_token.param_groups[0]["weight_decay"] == 0.0
+    assert own.adam_scalar.param_groups[0]["weight_decay"] == 0.04
+    only_tables = build_optimizers(model, OptimConfig(embed_wd=0.1), CPU)
+    assert isinstance(only_tables.adam_token, torch.optim.AdamW)
+    assert only_tables.adam_token.param_groups[0]["weight_decay"] == 0.1
+    assert only_tables.adam_scalar.param_groups[0]["weight_decay"] == 0.0
+
+
 def test_adam_weight_decay_is_decoupled():
     # AdamW's direction depends only on the gradients: the same replay with d = 1 - lr wd = 0.95.
     p0 = randn(6, 4, seed=8)
