@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from pgolf.config import config_from_dict
 from pgolf.eval.run import EvalOptions, run_eval
 from pgolf.eval.audit import audit_file
 from pgolf.eval.ttt import TTTConfig
+from pgolf.runs import RunDir, read_json
 
 
 def main() -> None:
@@ -26,12 +28,14 @@ def main() -> None:
     parser.add_argument("run", help="run directory with model.pgolf")
     parser.add_argument("--strides", default="", help="comma-separated sliding strides to measure")
     parser.add_argument("--ttt", action="store_true", help="also measure score-first TTT (default settings)")
-    parser.add_argument("--ttt-stride", type=int, default=None, help="stride used while scoring in TTT")
+    parser.add_argument("--ttt-stride", type=int, default=None,
+                        help="stride used while scoring in TTT (default: the run's train.eval_stride)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args()
-    modes = [("standard", EvalOptions())]
+    seq_len = config_from_dict(read_json(RunDir(Path(args.run)).config)["config"]).train.train_seq_len
+    modes = [("standard", EvalOptions(stride=seq_len))]  # not the run's train.eval_stride, pgolf eval's default
     modes += [(f"sliding-{s}", EvalOptions(stride=int(s))) for s in args.strides.split(",") if s]
     if args.ttt:
         modes.append(("ttt", EvalOptions(stride=args.ttt_stride, ttt=TTTConfig())))

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a run's artifact (standard, sliding window or score-first TTT)")
     ev.add_argument("target", help="a run directory (runs/<id>) or an artifact file (.pgolf)")
-    ev.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: seq_len, standard)")
+    ev.add_argument("--stride", type=int, default=None,
+                    help="window stride, also of --ttt's scoring (default: the run's train.eval_stride, the stride "
+                         "its roundtrip was scored with; seq_len, the standard evaluation, when that is 0)")
     ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's train_seq_len)")
     ev.add_argument("--batch", type=int, default=64, help="windows per forward pass per process (default 64)")
     ev.add_argument("--max-tokens", type=int, default=0, help="score only the first N val tokens (0 = all)")

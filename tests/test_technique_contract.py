@@ -1,6 +1,6 @@
 """The contract every technique keeps, checked for every registry entry: the model slots
 (pgolf.model.registry: attention, position, MLP, layout, embedding and stream add-ons) and the
-training callbacks (pgolf.train.callbacks: QAT, EMA). The quantizers have theirs in
+training callbacks (pgolf.train.callbacks: QAT, EMA, SWA). The quantizers have theirs in
 tests/compress/quantizers/test_contract.py; tests/model/test_registry.py builds and trains every
 model entry; tests/test_golden_baseline.py pins the defaults bit for bit.
 
@@ -37,7 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 MODEL_ENTRIES = [(field, name) for field, slot in SLOTS.items() for name in slot]
 # What switches each callback on (and early enough to act in a few steps).
-CALLBACK_ON = {"qat": {"qat": {"enabled": True, "start_frac": 0.0}}, "ema": {"ema": {"enabled": True, "decay": 0.5}}}
+CALLBACK_ON = {"qat": {"qat": {"enabled": True, "start_frac": 0.0}}, "ema": {"ema": {"enabled": True, "decay": 0.5}},
+               "swa": {"swa": {"enabled": True, "every": 1, "start_scale": 2.0}}}
 
 
 def model_mapping(field: str, name: str) -> dict:

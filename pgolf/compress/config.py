@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+GPTQ_CALIBRATION = ("train_reserved", "self_generated", "train_after_budget")
+
 
 @dataclass
 class ExportConfig:
-    compressor: str = "zlib"  # zlib (official) | zstd | lzma | brotli | auto (smallest)
+    # zlib (official, level 9) | zstd (22) | lzma (preset 9 extreme) | lzma6 (preset 6, as PR #549)
+    # | brotli (11) | auto (the smallest of zlib, zstd, lzma, brotli)
+    compressor: str = "zlib"
     # Default width of the large 2-D tensors: int8 is the official export (percentile clip);
-    # int6 / int5 / int4 quantize per row with an fp16 scale.
+    # int6 / int5 / int4 quantize per row with an fp16 scale. Embedding tables and an untied
+    # head stay official int8 under those (as the records), unless the policy or
+    # fp16_embedding names them.
     scheme: str = "int8"
     # [[regex, bits | "fp16" | "fp32"], ...] over parameter names, first match wins, e.g.
     # [["tok_emb", "fp16"], ["mlp", 5], ["attn", 6]]. On the command line: tok_emb:fp16,mlp:5
@@ -18,15 +24,27 @@ class ExportConfig:
     # placed before the policy's own rules.
     fp16_embedding: bool = False
     clip_search: str = "auto"  # auto: for intN, not the official int8 | on | off
+    # The search clip_search runs: row_search (each row's clip from 16 fractions of its max, by
+    # row error) | percentile (PR #549: one of the 0.999 ... 0.99999, 1.0 quantiles of each row's
+    # |w| for the whole tensor, by whole-tensor MSE; scale at least 1/qmax, the record's floor)
+    clip_rule: str = "row_search"
+    controls: str = "fp32"  # small control tensors: fp32 (official) | fp16 (as PR #549)
     storage: str = "auto"  # packed | bytes | auto (smaller artifact)
     layout: str = "auto"  # plain | grouped | auto (smaller artifact)
-    gptq: bool = False  # GPTQ with Hessians from training-data activations
+    gptq: bool = False  # GPTQ with Hessians from the activations of calibration sequences
     gptq_seqs: int = 128  # calibration sequences (train_seq_len tokens each)
     gptq_block: int = 128
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
-    # > 0: charge calibration + GPTQ to the wall-clock budget: training stops this many
-    # seconds early, and the run reports whether calibration + GPTQ fitted in them.
+    # The calibration sequences of GPTQ and the allocator (GPTQ_CALIBRATION): train_reserved: the
+    # training stream, read inside the wall-clock budget (training stops early) | self_generated:
+    # sampled from the trained model (no data read; the 1.1147 record's) | train_after_budget: the
+    # training stream after the budget, which records rule out (opt-in, non-record runs). The
+    # summary's "calibration" says which, and whether training data was read past the budget.
+    gptq_calibration: str = "train_reserved"
+    # Seconds training stops before max_wallclock_seconds so the calibration fits in them (the
+    # GPTQ solve reads no data and runs after); 0: none, or for train_reserved, measured before
+    # training (pgolf.train.calibration).
     gptq_reserve_seconds: float = 0.0
     # Let the allocator pick bits per tensor (8/6/5/4) to fit allocate_budget model bytes
     # (0: 16,000,000 minus the code bytes), minimising Hessian-weighted quantization error.

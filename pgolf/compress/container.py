@@ -38,8 +38,8 @@ decompresses to something else, is reported as ``ArtifactError`` under every com
 Choices, each recorded in the file so loading is exact (``describe_artifact`` reports them):
 
 * compressor: ``"zlib"`` (level 9), ``"zstd"`` (level 22, zstandard), ``"lzma"`` (preset 9
-  extreme), ``"brotli"`` (quality 11, window 2^24; optional ``pip install brotli``), or
-  ``"auto"``: every available one, the smallest file kept.
+  extreme), ``"lzma6"`` (preset 6, PR #549's), ``"brotli"`` (quality 11, window 2^24; optional
+  ``pip install brotli``), or ``"auto"``: every available one but lzma6, the smallest file kept.
 * storage of per-row intN codes with N < 8: ``"bytes"`` (one code per byte, the
   compressor squeezes the unused bits), ``"packed"`` (N bits each), or ``"auto"``
   (both, the smaller file kept).
@@ -154,12 +154,13 @@ COMPRESSORS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]
     "zstd": (lambda b: zstd_module().ZstdCompressor(level=22).compress(b),
              lambda b: zstd_module().ZstdDecompressor().decompress(b)),
     "lzma": (lambda b: lzma.compress(b, preset=LZMA_PRESET), lzma.decompress),
+    "lzma6": (lambda b: lzma.compress(b, preset=6), lzma.decompress),
     "brotli": (lambda b: brotli_module().compress(b, quality=_BROTLI_QUALITY, lgwin=_BROTLI_LGWIN),
                lambda b: brotli_module().decompress(b)),
 }
 # "auto" tries these (those installed) and breaks size ties by this order
 COMPRESSOR_ORDER = ("zlib", "zstd", "lzma", "brotli")
-COMPRESSOR_CHOICES = (*COMPRESSOR_ORDER, "auto")  # what a config may name
+COMPRESSOR_CHOICES = (*COMPRESSOR_ORDER, "lzma6", "auto")  # what a config may name
 STORAGES = ("bytes", "packed")
 LAYOUTS = ("plain", "grouped")
 _MODULE_CHECKS = {"zstd": zstd_module, "brotli": brotli_module}
@@ -357,7 +358,7 @@ def pack_artifact(qdict: dict[str, QuantizedTensor], meta: dict | None = None, c
     time in threads (default: up to 8, the CPU count), and the smallest file is returned
     (deterministic tie-break). Pass a list as ``trials`` to receive one dict per
     combination tried: ``{compressor, storage, layout, bytes, chosen}``."""
-    comps = available_compressors() if compressor == "auto" else _choices(compressor, COMPRESSOR_ORDER, "compressor")
+    comps = available_compressors() if compressor == "auto" else _choices(compressor, tuple(COMPRESSORS), "compressor")
     if compressor != "auto":
         check_compressor(compressor)
     storages = _choices(storage, STORAGES, "storage")

@@ -21,8 +21,9 @@ minimised rather than the plain weight error. Columns are processed in blocks wi
 diagonal first.
 
 Legality: the calibration data come from the training shards (``calibration_batches``
-refuses validation files), and the seconds spent collecting Hessians and running GPTQ are
-returned so a caller can charge them to the training wall-clock budget.
+refuses validation files) or from the model itself (``generated_batches``, which reads no data),
+and the seconds spent are returned so a caller can charge them to the training wall-clock budget
+(pgolf.train.calibration: export.gptq_calibration).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from pgolf.model.layers import CastedLinear
 __all__ = [
     "MIN_SCALE", "CLIP_GRID", "GPTQStats", "GPTQResult",
     "qmax_for", "row_scales", "quantize_rows", "dequantize_rows", "hessian_error",
-    "calibration_batches", "collect_hessians", "gptq_quantize", "gptq_state_dict",
+    "calibration_batches", "generated_batches", "calibrate", "collect_hessians", "gptq_quantize", "gptq_state_dict",
 ]
 
 # GPTQ's scales start from the export's clip search (the same grid), so with an identity
@@ -102,6 +103,51 @@ def calibration_batches(
     device = torch.device(device)
     return [(x_all[i:i + batch_seqs].to(device), y_all[i:i + batch_seqs].to(device))
             for i in range(0, n_seqs, batch_seqs)]
+
+
+@torch.no_grad()
+def generated_batches(model: nn.Module, n_seqs: int, seq_len: int, vocab_size: int,
+                      device: str | torch.device = "cpu", *, seed: int = 0, temperature: float = 0.8,
+                      batch_seqs: int = 8, gen_seqs: int = 64) -> list[tuple[Tensor, Tensor]]:
+    """``n_seqs`` sequences sampled from ``model`` itself, grouped as ``calibration_batches``: no
+    data is read (the 1.1147 record's calibration). Each starts from a uniformly random token and
+    grows one token at a time at ``temperature`` (no KV cache: ``gen_seqs`` sequences per pass).
+    Seeded by ``seed``, apart from the global RNG: the same weights give the same text."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training, rows = model.training, []
+    model.eval()
+    try:
+        for i in range(0, n_seqs, gen_seqs):
+            ids = torch.randint(0, vocab_size, (min(gen_seqs, n_seqs - i), 1), device=device, generator=gen)
+            for _ in range(seq_len):
+                probs = torch.softmax(model.logits(ids)[:, -1].float() / temperature, dim=-1)
+                ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
+            rows.append(ids)
+    finally:
+        model.train(was_training)
+    tokens = torch.cat(rows)
+    return [(tokens[i:i + batch_seqs, :-1], tokens[i:i + batch_seqs, 1:]) for i in range(0, n_seqs, batch_seqs)]
+
+
+def calibrate(model: nn.Module, cfg, train_files, device: torch.device) -> tuple[dict[str, Tensor], float, str]:
+    """(Hessians, seconds, log line) of GPTQ and the allocator as a pgolf Config asks: from
+    export.gptq_seqs sequences of the training stream's start, or sampled from the model
+    (export.gptq_calibration=self_generated, seeded by train.seed). The seconds include reading
+    or sampling, the device synchronised."""
+    e, t, start = cfg.export, cfg.train, time.perf_counter()
+    generated = e.gptq_calibration == "self_generated"
+    if generated:
+        batches = generated_batches(model, e.gptq_seqs, t.train_seq_len, cfg.model.vocab_size, device, seed=t.seed)
+    else:
+        batches = calibration_batches(train_files, t.train_seq_len, e.gptq_seqs, device,
+                                      vocab_size=cfg.model.vocab_size)
+    hessians = collect_hessians(model, batches)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return hessians, seconds, (f"calibration: {e.gptq_seqs} {'self-generated' if generated else 'training'} "
+                               f"sequences, {len(hessians)} Hessians in {seconds:.2f} s")
 
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -349,10 +395,12 @@ def gptq_state_dict(
     damp: float = 0.01,
     act_order: bool = False,
     clip_search: bool = True,
+    scales: dict[str, Tensor] | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize every 2-D float weight that has a Hessian and for which ``bits_for(name)``
     is an int; everything else (``bits_for`` None, no Hessian, not 2-D) is left to the caller's
-    ordinary export path. Runs on each weight's device; results are moved to CPU."""
+    ordinary export path. ``scales[name]``, where given, fixes that weight's per-row scales
+    (gptq_quantize's ``scale``). Runs on each weight's device; results are moved to CPU."""
     t0 = time.perf_counter()
     state = model.state_dict() if isinstance(model, nn.Module) else model
     result = GPTQResult()
@@ -365,8 +413,8 @@ def gptq_state_dict(
         bits = bits_for(name)
         if bits is None:
             continue
-        q, scale, st = gptq_quantize(w, H, int(bits), block_size=block_size, damp=damp,
-                                     act_order=act_order, clip_search=clip_search)
+        q, scale, st = gptq_quantize(w, H, int(bits), block_size=block_size, damp=damp, act_order=act_order,
+                                     clip_search=clip_search, scale=(scales or {}).get(name))
         result.tensors[name] = (q.cpu(), scale.cpu(), int(bits))
         result.stats[name] = st
     result.seconds = time.perf_counter() - t0

@@ -3,8 +3,8 @@
 Order: bit widths (scheme default, then the policy, or the allocator within a byte budget),
 then per-row quantization (clip search for intN), then optionally GPTQ in place of plain
 rounding for every 2-D tensor it has a Hessian for. Hessians come from activations of
-training-data batches only; their collection and GPTQ are timed so the run can charge them
-to the wall-clock budget.
+training-data batches only, or of text the model samples (export.gptq_calibration); their
+collection is timed so the run can charge it to the wall-clock budget.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class ExportPlan:
     stats: QuantStats
     seconds: float = 0.0  # calibration + allocation + GPTQ
     lines: list[str] = field(default_factory=list)  # what was chosen, for the log
+    calibration_seconds: float = 0.0  # the part of seconds the calibration took (gptq.calibrate)
 
 
 def _large_matrices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,34 +55,34 @@ def plan_export(model: torch.nn.Module, cfg, train_files: list[Path], device: to
     lines: list[str] = []
     policy = effective_policy(e)
     bits_for = policy_bits(policy) if policy else None
-    hessians = None
+    hessians, calibration_s = None, 0.0
     if e.gptq or e.allocate:
-        from pgolf.compress.gptq import calibration_batches, collect_hessians
+        from pgolf.compress.gptq import calibrate
 
-        batches = calibration_batches(train_files, cfg.train.train_seq_len, e.gptq_seqs, device,
-                                      vocab_size=cfg.model.vocab_size)
-        hessians = collect_hessians(model, batches)
-        lines.append(f"calibration: {e.gptq_seqs} training sequences, {len(hessians)} Hessians")
+        hessians, calibration_s, line = calibrate(model, cfg, train_files, device)
+        lines.append(line)
+    roles = export_treatment(model)
     if e.allocate:
-        bits_for = _allocate(state, cfg, hessians, bits_for, code_bytes, lines)
+        bits_for = _allocate(state, cfg, hessians, bits_for, code_bytes, lines, roles)
     qdict, stats = quantize_state_dict(state, scheme=e.scheme, bits_for=bits_for, clip_search=CLIP_SEARCH[e.clip_search],
-                                       roles=export_treatment(model))
+                                       roles=roles, clip_rule=e.clip_rule, controls=e.controls)
     if e.gptq:
         _apply_gptq(state, qdict, hessians, cfg, lines)
-    return ExportPlan(qdict, stats, time.perf_counter() - start, lines)
+    return ExportPlan(qdict, stats, time.perf_counter() - start, lines, calibration_s)
 
 
-def _allocate(state, cfg, hessians, policy, code_bytes: int, lines: list[str]):
+def _allocate(state, cfg, hessians, policy, code_bytes: int, lines: list[str], roles: dict[str, str]):
     from pgolf.compress.allocate import allocate_bits
 
     matrices = _large_matrices(state)
     default = SCHEMES[cfg.export.scheme]
-    # Tensors the policy pins, or that have no Hessian (the tied embedding), are not allocated.
+    # Tensors the policy pins, or that have no Hessian (the tied embedding: int8 under any scheme,
+    # as quantize_state_dict's roles say), are not allocated.
     fixed = {}
     for name in matrices:
         spec = policy(name, matrices[name]) if policy is not None else None
         if spec is not None or name not in hessians:
-            fixed[name] = spec if spec is not None else default
+            fixed[name] = spec if spec is not None else 8 if roles.get(name) == "int8" else default
     others = sum(t.numel() * 4 for n, t in state.items() if n not in matrices)  # small tensors, fp32 at most
     budget = cfg.export.allocate_budget or (SIZE_CAP_BYTES - code_bytes - others)
     allocation = allocate_bits(matrices, budget, hessian_diag={n: h.diagonal() for n, h in hessians.items()
@@ -106,8 +107,11 @@ def _apply_gptq(state, qdict: dict[str, QuantizedTensor], hessians, cfg, lines: 
         return qt.bits
 
     e = cfg.export
+    # PR #549's clip rule chooses per tensor, so GPTQ keeps the scales it chose
+    scales = ({n: qt.scale for n, qt in qdict.items() if qt.kind == "int_per_row"}
+              if e.clip_rule == "percentile" else None)
     result = gptq_state_dict(state, hessians, bits_for, block_size=e.gptq_block, damp=e.gptq_damp,
-                             act_order=e.gptq_act_order, clip_search=e.clip_search != "off")
+                             act_order=e.gptq_act_order, clip_search=e.clip_search != "off", scales=scales)
     for name, (q, scale, bits) in result.tensors.items():
         qdict[name] = QuantizedTensor("int_per_row", q.reshape(state[name].shape).contiguous(), scale.contiguous(),
                                       qdict[name].orig_dtype, bits)

@@ -23,9 +23,14 @@ policies (``bits_for``, ``policy_bits``) use symmetric per-row intN
 ``code * scale``. The clip of a row is ``f * max|row|`` with ``f`` chosen from a small
 grid (``DEFAULT_CLIP_GRID``, 1.0 down to 0.6) to minimise the row's squared
 reconstruction error measured with the fp16-rounded scale, i.e. with exactly what is
-stored ("GPTQ-lite" clip search of the records; see ``quantize_rows``). Whatever the
-scheme or policy, non-float tensors stay raw and float tensors of at most
-``KEEP_FLOAT_MAX_NUMEL`` elements follow the official passthrough rules above; only
+stored (see ``quantize_rows``); ``clip_rule="percentile"`` uses PR #549's rule instead
+(``percentile_scales``: one quantile of each row's |w| for the whole tensor, by whole-tensor
+MSE, scale floor 1/qmax). Under a scheme narrower than int8, embedding tables and an untied
+head (roles whose export treatment is "int8", or without roles names containing one of
+``EMBEDDING_PATTERNS``) keep the official int8, as the records do, unless the policy names
+them. Whatever the scheme or policy, non-float tensors stay raw and float tensors of at most
+``KEEP_FLOAT_MAX_NUMEL`` elements follow the official passthrough rules above (with
+``controls="fp16"`` the control tensors are stored fp16 too, as PR #549); only
 larger float tensors are quantized (or kept as fp16/fp32 when the policy says so). Bit
 packing lives in ``pgolf.compress.packing`` and is the artifact's business; in memory one code is
 one int8.
@@ -46,8 +51,8 @@ from pgolf.compress.quantizers.official_int8 import CLIP_PERCENTILE, quantize_in
 from pgolf.compress.quantizers.passthrough import FLOAT_SPECS, quantize_float, quantize_raw
 from pgolf.compress.quantizers.registry import (QUANTIZERS, QuantizedTensor, dtype_from_name, dtype_name,
                                                 format_label, get_quantizer)
-from pgolf.compress.quantizers.rows import (DEFAULT_CLIP_GRID, MAX_BITS, MIN_BITS, dequantize_rows, qmax_for,
-                                            quantization_error, quantize_int_per_row, quantize_rows)
+from pgolf.compress.quantizers.rows import (CLIP_RULES, DEFAULT_CLIP_GRID, MAX_BITS, MIN_BITS, dequantize_rows,
+                                            qmax_for, quantization_error, quantize_int_per_row, quantize_rows)
 
 __all__ = [
     "CONTROL_PATTERNS", "KEEP_FLOAT_MAX_NUMEL", "CLIP_PERCENTILE", "KINDS",
@@ -56,7 +61,7 @@ __all__ = [
     "dequantize_tensor", "dequantize_state_dict", "dtype_name", "dtype_from_name",
     "MIN_BITS", "MAX_BITS", "FLOAT_SPECS", "DEFAULT_CLIP_GRID", "BitsSpec", "BitsFor",
     "qmax_for", "quantize_rows", "dequantize_rows", "quantization_error", "quantize_tensor",
-    "policy_bits", "check_bits_spec",
+    "policy_bits", "check_bits_spec", "CLIP_RULES", "EMBEDDING_PATTERNS", "CONTROLS",
 ]
 
 # The official export's control tensors (train_gpt.py's CONTROL_TENSOR_NAME_PATTERNS): small float
@@ -64,6 +69,9 @@ __all__ = [
 # roles (pgolf.model.roles.export_treatment), which pick the same tensors for the baseline.
 CONTROL_PATTERNS: tuple[str, ...] = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
 KEEP_FLOAT_MAX_NUMEL = 65_536
+# Tensors without a role that stay int8 under a narrower scheme (PR #549's "embed" category).
+EMBEDDING_PATTERNS: tuple[str, ...] = ("tok_emb", "lm_head")
+CONTROLS = ("fp32", "fp16")  # how small control tensors are stored: fp32 (official) or fp16 (PR #549)
 
 KINDS = tuple(sorted(QUANTIZERS))  # the registered storage kinds
 
@@ -143,20 +151,21 @@ def policy_bits(policy: Iterable[Sequence], default: BitsSpec = None) -> BitsFor
 
 
 def quantize_tensor(name: str, t: torch.Tensor, bits: BitsSpec = None, clip_search: bool = True,
-                    grid: Sequence[float] | None = None, keep_fp32: bool | None = None) -> QuantizedTensor:
+                    grid: Sequence[float] | None = None, keep_fp32: bool | None = None,
+                    clip_rule: str = "row_search") -> QuantizedTensor:
     """Quantize one tensor with an explicit spec. Non-float tensors and float tensors of at
     most ``KEEP_FLOAT_MAX_NUMEL`` elements follow the official rules whatever ``bits`` is;
     otherwise ``bits=None`` is the official int8, an int N is per-row intN
     (``quantize_rows``; tensors that are not 2-D use their first dim as rows, 1-D ones
     are one row), "fp16"/"fp32" keep the tensor as that float (dequantized back to its
-    dtype). ``keep_fp32`` as in quantize_tensor_int8."""
+    dtype). ``keep_fp32`` as in quantize_tensor_int8; ``clip_rule`` as in quantize_int_per_row."""
     check_bits_spec(bits)
     t = t.detach()
     if bits is None or not t.is_floating_point() or t.numel() <= KEEP_FLOAT_MAX_NUMEL:
         return quantize_tensor_int8(name, t, keep_fp32)
     if bits in FLOAT_SPECS:
         return quantize_float(t, bits)
-    return quantize_int_per_row(t, bits, clip_search=clip_search, grid=grid)
+    return quantize_int_per_row(t, bits, clip_search=clip_search, grid=grid, clip_rule=clip_rule)
 
 
 # scheme name -> bits of the large 2-D float tensors; "int8" is the official export
@@ -170,7 +179,7 @@ def _format_of(qt: QuantizedTensor) -> str:
 def quantize_state_dict(
     state_dict: dict[str, torch.Tensor], scheme: str = "int8", bits_for: BitsFor | None = None,
     clip_search: bool | None = None, grid: Sequence[float] | None = None,
-    roles: Mapping[str, str] | None = None,
+    roles: Mapping[str, str] | None = None, clip_rule: str = "row_search", controls: str = "fp32",
 ) -> tuple[dict[str, QuantizedTensor], QuantStats]:
     """Quantize every tensor of ``state_dict`` (order kept).
 
@@ -185,18 +194,25 @@ def quantize_state_dict(
     ``clip_search``: None (default) searches the clip of every per-row intN tensor but
     leaves the official int8 alone; True also replaces the official int8 of 2-D tensors by
     per-row int8 with clip search; False uses the max-abs clip for per-row intN (and the
-    official int8 where it applies).
+    official int8 where it applies). ``clip_rule`` ("row_search" | "percentile") is the
+    search of per-row intN (quantize_int_per_row).
 
-    ``roles``: {parameter name: "scheme" | "fp32" | "fp16"} from the parameters' roles
+    ``roles``: {parameter name: "scheme" | "int8" | "fp32" | "fp16"} from the parameters' roles
     (pgolf.model.roles.export_treatment): a small float tensor stays fp32 when its role says
-    "fp32" and is stored as fp16 otherwise. Tensors without a role (buffers, a second name of
-    a shared parameter) and every tensor when ``roles`` is None follow the official name
-    patterns (CONTROL_PATTERNS)."""
+    "fp32" and is stored as fp16 otherwise; a large 2-D one whose role says "int8" (embedding
+    tables, an untied head) gets the int8 scheme's default whatever ``scheme`` is, unless
+    ``bits_for`` decides. Tensors without a role (buffers, a second name of a shared parameter)
+    and every tensor when ``roles`` is None follow the name patterns (CONTROL_PATTERNS,
+    EMBEDDING_PATTERNS). ``controls="fp16"`` stores every small float tensor as fp16, the
+    controls too (PR #549); "fp32" is the official rule."""
     try:
         default_bits = SCHEMES[scheme]
     except KeyError:
         raise ValueError(f"unknown quantization scheme {scheme!r}; known: {sorted(SCHEMES)}") from None
-    official_int8 = scheme == "int8" and clip_search is not True
+    for key, value, options in (("clip_rule", clip_rule, CLIP_RULES), ("controls", controls, CONTROLS)):
+        if value not in options:
+            raise ValueError(f"{key} must be one of {', '.join(options)}, got {value!r}")
+    official = clip_search is not True  # the int8 default is the official int8
     search = clip_search is not False
     out: dict[str, QuantizedTensor] = {}
     stats = QuantStats()
@@ -204,11 +220,13 @@ def quantize_state_dict(
         spec: BitsSpec = None
         if bits_for is not None and tensor.is_floating_point() and tensor.numel() > KEEP_FLOAT_MAX_NUMEL:
             spec = check_bits_spec(bits_for(name, tensor), f"bits_for({name!r})")
-        if spec is None and tensor.ndim == 2 and not official_int8:
-            spec = default_bits
         role = roles.get(name) if roles is not None else None
-        keep_fp32 = None if role is None else role == "fp32"
-        qt = quantize_tensor(name, tensor, spec, clip_search=search, grid=grid, keep_fp32=keep_fp32)
+        if spec is None and tensor.ndim == 2:
+            int8 = role == "int8" or (role is None and any(p in name for p in EMBEDDING_PATTERNS))
+            spec = (None if official else 8) if scheme == "int8" or int8 else default_bits
+        keep_fp32 = False if controls == "fp16" else None if role is None else role == "fp32"
+        qt = quantize_tensor(name, tensor, spec, clip_search=search, grid=grid, keep_fp32=keep_fp32,
+                             clip_rule=clip_rule)
         out[name] = qt
         stats.param_count += tensor.numel()
         stats.num_tensors += 1

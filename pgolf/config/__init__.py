@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from pgolf.compress.config import ExportConfig
+from pgolf.compress.config import GPTQ_CALIBRATION, ExportConfig
 from pgolf.config.ranges import NUMERIC_RULES, Range, range_problems
 from pgolf.data.config import DataConfig
 from pgolf.model.config import ModelConfig
-from pgolf.train.config import EMAConfig, OptimConfig, QATConfig, RunConfig, TrainConfig
+from pgolf.train.config import EMAConfig, OptimConfig, QATConfig, RunConfig, SWAConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -31,6 +31,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     qat: QATConfig = field(default_factory=QATConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    swa: SWAConfig = field(default_factory=SWAConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -115,12 +116,14 @@ def _coerce(value: Any, target_type: str, key: str) -> Any:
             return int(str(value).replace("_", "")) if isinstance(value, str) else int(value)
         if target_type == "list":
             return _parse_list(value)
+        if target_type == "list[int]":  # layer indices: model.xsa_layers=-4,-3,-2,-1 or a TOML list
+            return [_coerce(item, "int", key) for item in _parse_list(value)]
         if target_type == "float":
             if isinstance(value, bool):
                 raise ValueError(value)
             return float(value)
         return str(value)
-    except ValueError:
+    except (TypeError, ValueError):
         raise ConfigError(f"{key}: cannot read {value!r} as {target_type}") from None
 
 
@@ -263,7 +266,7 @@ def validate(config: Config) -> None:
         except ArtifactError as exc:
             problems.append(str(exc))
     e = config.export
-    from pgolf.compress.quant import SCHEMES, policy_bits
+    from pgolf.compress.quant import CLIP_RULES, CONTROLS, SCHEMES, policy_bits
 
     if e.scheme not in SCHEMES:
         problems.append(f"export.scheme must be one of {', '.join(SCHEMES)}, got '{e.scheme}'")
@@ -272,11 +275,13 @@ def validate(config: Config) -> None:
     except ValueError as exc:
         problems.append(f"export.policy: {exc}")
     for key, options in (("clip_search", ("auto", "on", "off")), ("storage", ("auto", "packed", "bytes")),
-                         ("layout", ("auto", "plain", "grouped"))):
+                         ("layout", ("auto", "plain", "grouped")), ("clip_rule", CLIP_RULES), ("controls", CONTROLS),
+                         ("gptq_calibration", GPTQ_CALIBRATION)):
         if getattr(e, key) not in options:
             problems.append(f"export.{key} must be one of {', '.join(options)}, got '{getattr(e, key)}'")
-    if e.gptq_reserve_seconds > 0 and not e.gptq:
-        problems.append("export.gptq_reserve_seconds reserves time for GPTQ: set export.gptq=true too")
+    if e.gptq_reserve_seconds > 0 and not (e.gptq or e.allocate):
+        problems.append("export.gptq_reserve_seconds reserves time for the calibration of GPTQ or the allocator: "
+                        "set export.gptq=true (or export.allocate=true) too")
     if e.gptq_reserve_seconds >= max(t.max_wallclock_seconds, 0) > 0:
         problems.append("export.gptq_reserve_seconds must be smaller than train.max_wallclock_seconds")
     q = config.qat
@@ -295,10 +300,12 @@ def validate(config: Config) -> None:
                  if value not in ("auto", "on", "off")]
     if t.sdpa_backend not in ("auto", "flash", "cudnn", "efficient", "math"):
         problems.append(f"train.sdpa_backend must be auto, flash, cudnn, efficient or math, got '{t.sdpa_backend}'")
-    if config.optim.parallel_muon == "on" and t.grad_clip_norm > 0:
-        problems.append("optim.parallel_muon=on keeps matrix gradients unsynchronised until the optimizer step, "
-                        "so train.grad_clip_norm cannot see them: set train.grad_clip_norm=0 or "
-                        "optim.parallel_muon=off")
+    if t.grad_clip_mode not in ("synced", "per_rank"):
+        problems.append(f"train.grad_clip_mode must be synced or per_rank, got '{t.grad_clip_mode}'")
+    if config.optim.parallel_muon_bf16 and config.optim.parallel_muon == "off":
+        problems.append("optim.parallel_muon_bf16=true needs optim.parallel_muon=auto or on")
+    if config.ema.enabled and config.swa.enabled:
+        problems.append("ema.enabled and swa.enabled both replace the weights at the end of training: switch one off")
     for section in dataclasses.fields(config):  # sections that check themselves (techniques)
         check = getattr(getattr(config, section.name), "problems", None)
         if check is not None:

@@ -90,6 +90,11 @@ NUMERIC_RULES: dict[str, Range] = {
     "model.cycle_core": at_least(0, "all cycle_* 0: no middle cycle"),
     "model.cycle_repeats": at_least(0, "all cycle_* 0: no middle cycle"),
     "model.cycle_tail": at_least(0, "all cycle_* 0: no middle cycle"),
+    "model.bigram_buckets": at_least(2, "one bucket is each row's first position, the rest are hashed"),
+    "model.bigram_dim": COUNT,
+    "model.ve_dim": COUNT,
+    "model.rope_dims": at_least(0, "0: every dim of the head"),
+    "model.rope_ref_len": at_least(0, "0: off"),
     # [data]
     "data.synthetic_train_tokens": at_least(2),
     "data.synthetic_val_tokens": at_least(2),
@@ -136,11 +141,14 @@ NUMERIC_RULES: dict[str, Range] = {
     "qat.bits": Range(2, 8),
     # [ema]
     "ema.decay": Range(0.0, 1.0, low_open=True, high_open=True),
+    # [swa]
+    "swa.every": COUNT,
+    "swa.start_scale": positive("collect while the lr multiplier is below it; > 1: from the first step"),
     # [export]
     "export.gptq_seqs": COUNT,
     "export.gptq_block": COUNT,
     "export.gptq_damp": at_least(0.0, "the fraction of the mean Hessian diagonal added, 0.01 usually"),
-    "export.gptq_reserve_seconds": at_least(0.0, "0: GPTQ is not charged to the wall clock"),
+    "export.gptq_reserve_seconds": at_least(0.0, "0: none, or measured for export.gptq_calibration=train_reserved"),
     "export.allocate_budget": at_least(0, "0: 16,000,000 minus the code bytes"),
     # [run]
     "run.threads": at_least(0, "0: auto, the cores divided among the pgolf runs training on this host"),

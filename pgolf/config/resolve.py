@@ -47,11 +47,13 @@ def find_preset(name_or_path: str) -> Path:
 # registry entry and training callback is here.
 CAPABILITIES = frozenset({
     "gqa", "rope",  # model.attention, model.position
+    "bigram", "smear", "value_embed",  # model.embed, model.post_norm, model.stream
+    "xsa", "partial_rope", "ln_scale", "orthogonal_init",  # model.xsa_layers, rope_*, ln_scale, init
     "relu2", "leaky_relu2", "swiglu", "gelu", "silu",  # model.mlp
     "unet", "recurrence", "middle_cycle",  # model.layout (or model.recurrence, model.cycle_*)
     "muon_wd",  # optim.muon_wd
     "fp16_embedding", "mixed_bits", "gptq", "bit_allocation",  # export.*
-    "qat", "ema",  # training callbacks: qat.*, ema.*
+    "qat", "ema", "swa",  # training callbacks: qat.*, ema.*, swa.*
     "sliding_eval", "ttt",  # train.eval_stride, pgolf eval --stride / --ttt
 })
 

@@ -31,7 +31,7 @@ from pgolf.eval.ttt import TTTConfig, run_ttt
 
 @dataclass
 class EvalOptions:
-    stride: int | None = None  # None: seq_len (the standard evaluation)
+    stride: int | None = None  # None: the run's train.eval_stride (0: seq_len, the standard evaluation)
     seq_len: int | None = None  # None: the run's train_seq_len
     batch_windows: int = 64
     max_tokens: int = 0  # 0: the whole validation split
@@ -133,7 +133,7 @@ def run_eval(target: str, opts: EvalOptions, log=print, hooks: RunHooks = RunHoo
     try:
         result = _evaluate(cfg, state, folder, source, opts, info, log if info.is_main else (lambda *_: None))
         if info.is_main and Path(target).is_dir() and not (opts.live or opts.data_dir):
-            hooks.eval_scored(Path(target), result["kind"], result, opts.stride or opts.seq_len or cfg.train.train_seq_len)
+            hooks.eval_scored(Path(target), result["kind"], result, result["stride"])
         info.barrier()  # on success, no rank tears down while another still has collectives in flight
         return result
     finally:
@@ -142,7 +142,8 @@ def run_eval(target: str, opts: EvalOptions, log=print, hooks: RunHooks = RunHoo
 
 def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOptions, info: DistInfo, log) -> dict:
     seq_len = opts.seq_len or cfg.train.train_seq_len
-    stride = seq_len if opts.stride is None else opts.stride
+    # By default the run's own protocol, the stride its roundtrip was scored with (within the window).
+    stride = min(cfg.train.eval_stride or seq_len, seq_len) if opts.stride is None else opts.stride
     if not 0 < stride <= seq_len:
         raise ConfigError(f"--stride must be within 1..{seq_len} (the window length), got {stride}")
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
@@ -161,7 +162,8 @@ def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOpt
     if opts.compile == "on" or (opts.compile == "auto" and info.device.type == "cuda"):
         scorer = torch.compile(model, dynamic=False)
     kind = "ttt" if opts.ttt else ("standard" if stride == seq_len else "sliding")
-    log(f"eval: {source}; {kind}, seq_len {seq_len}, stride {stride}, {targets:,} of {full_targets:,} targets")
+    given = " (the run's train.eval_stride)" if opts.stride is None and stride < seq_len else ""
+    log(f"eval: {source}; {kind}, seq_len {seq_len}, stride {stride}{given}, {targets:,} of {full_targets:,} targets")
 
     if info.device.type == "cuda":
         torch.cuda.synchronize()
@@ -195,5 +197,5 @@ def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOpt
     if projected > opts.budget_seconds:
         log(f"WARNING: projected evaluation time {projected:.0f} s exceeds the {opts.budget_seconds:.0f} s budget")
     log(f"receipt: {receipt_path} (check it with `pgolf audit {receipt_path}`)")
-    return {"kind": kind, **result.to_dict(), "eval_seconds": seconds, "projected_full_seconds": projected,
-            "over_budget": projected > opts.budget_seconds, "receipt": str(receipt_path)}
+    return {"kind": kind, "stride": stride, **result.to_dict(), "eval_seconds": seconds,
+            "projected_full_seconds": projected, "over_budget": projected > opts.budget_seconds, "receipt": str(receipt_path)}

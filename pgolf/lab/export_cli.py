@@ -126,8 +126,10 @@ def reexport(run: str, out: str | None = None, overrides: list[str] | tuple = ()
 def _calibration_files(cfg, log) -> list[Path]:
     """The run's training shards, for GPTQ / the bit allocator (which calibrate on them); none
     are read otherwise."""
-    if not (cfg.export.gptq or cfg.export.allocate):
+    if not (cfg.export.gptq or cfg.export.allocate) or cfg.export.gptq_calibration == "self_generated":
         return []
+    log("note: this re-export calibrates on the training shards after training, which records rule out; "
+        "export.gptq_calibration=self_generated reads none")
     from pgolf.data.shards import resolve_shards
 
     if cfg.data.source == "synthetic":

@@ -94,9 +94,11 @@ class SweepSpec:
 def _override_value(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, list):  # export.policy pairs, as on the command line: pattern:value,...
+    if isinstance(value, list):  # as on the command line: a,b,... or export.policy's pattern:value,...
+        if all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+            return ",".join(map(str, value))
         if not all(isinstance(v, list) and len(v) == 2 for v in value):
-            raise ConfigError(f"{key}: a list value must hold [pattern, value] pairs, got {value!r}")
+            raise ConfigError(f"{key}: a list value must hold names, integers or [pattern, value] pairs, got {value!r}")
         return ",".join(f"{p}:{v}" for p, v in value)
     if isinstance(value, dict):
         raise ConfigError(f"{key}: expected a value, got a table")

@@ -1,4 +1,5 @@
-"""Attention ("gqa", the official) and its position encoding ("rope")."""
+"""Attention ("gqa", the official) and its position encoding ("rope"), with #549's switches:
+exclusive self-attention (model.xsa_layers) and partial, fp32 or length-rescaled RoPE."""
 
 from __future__ import annotations
 
@@ -6,29 +7,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf.model.config import ModelConfig
+from pgolf.model.config import ModelConfig, layer_list_problems, layer_set
+from pgolf.model.embed import VALUE_EMBED, value_embed_layers
 from pgolf.model.layers import CastedLinear, rms_norm
 from pgolf.model.registry import ATTENTIONS, POSITIONS
 from pgolf.model.roles import Role, tag
 
 
+def inverse_frequencies(dims: int, base: float, device: torch.device | None = None) -> Tensor:
+    return 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims))
+
+
 class Rotary(nn.Module):
-    """Rotary position encoding, tables cached per (length, device).
+    """Rotary position encoding of the first `dims` channels of each head (0: all), tables
+    cached per (length, device).
 
     Positions are built in inv_freq's dtype, as the official model does: on CUDA the model is
-    cast to bf16, buffers included, so the baseline's angles are bf16 there."""
+    cast to bf16, buffers included, so the baseline's angles are bf16 there. fp32=True builds
+    them in fp32 whatever the buffers' dtype, and so does a length above ref_len (> 0), for
+    which the base grows to base * (length / ref_len)^(dims / (dims - 2)), in training and
+    evaluation alike (both #549)."""
 
-    def __init__(self, head_dim: int, base: float):
+    def __init__(self, head_dim: int, base: float, dims: int = 0, fp32: bool = False, ref_len: int = 0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dims, self.base, self.fp32, self.ref_len = dims or head_dim, base, fp32, ref_len
+        self.register_buffer("inv_freq", inverse_frequencies(self.dims, base), persistent=False)
         self._cache: tuple[tuple, Tensor, Tensor] | None = None
+
+    def base_at(self, seq_len: int) -> float:
+        if self.ref_len and seq_len > self.ref_len:
+            return self.base * (seq_len / self.ref_len) ** (self.dims / (self.dims - 2))
+        return self.base
 
     def tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (seq_len, device, self.inv_freq.dtype)
         if self._cache is None or self._cache[0] != key:
-            positions = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
-            angles = torch.outer(positions, self.inv_freq.to(device))
+            base = self.base_at(seq_len)
+            inv_freq = (inverse_frequencies(self.dims, base, device) if self.fp32 or base != self.base
+                        else self.inv_freq.to(device))
+            positions = torch.arange(seq_len, device=device, dtype=inv_freq.dtype)
+            angles = torch.outer(positions, inv_freq)
             self._cache = (key, angles.cos()[None, None], angles.sin()[None, None])
         _, cos, sin = self._cache
         return cos.to(dtype), sin.to(dtype)
@@ -39,22 +57,35 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # Rotate (first half, second half) pairs of each head's channels.
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    # Rotate (first half, second half) pairs of the first 2 x cos.size(-1) channels; the rest pass.
+    rotated = 2 * cos.size(-1)
+    if rotated < x.size(-1):
+        return torch.cat((apply_rotary(x[..., :rotated], cos, sin), x[..., rotated:]), dim=-1)
+    x1, x2 = x[..., :rotated // 2], x[..., rotated // 2:]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 @POSITIONS.register("rope")
 def rope(cfg: ModelConfig, head_dim: int) -> Rotary:
-    return Rotary(head_dim, cfg.rope_base)
+    return Rotary(head_dim, cfg.rope_base, cfg.rope_dims, cfg.rope_fp32, cfg.rope_ref_len)
+
+
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: each head's output minus its component along its own token's value direction.
+    y (B, H, T, D), v (B, Hkv, T, D); head h reads KV head h // (H / Hkv), as SDPA's enable_gqa."""
+    b, h, t, d = y.shape
+    y = y.reshape(b, v.size(1), h // v.size(1), t, d)
+    direction = F.normalize(v, dim=-1).unsqueeze(2)
+    return (y - (y * direction).sum(-1, keepdim=True) * direction).reshape(b, h, t, d)
 
 
 @ATTENTIONS.register("gqa")
 class CausalSelfAttention(nn.Module):
     """Causal attention with grouped K/V heads (num_kv_heads <= num_heads), RMS-normed Q and K
     (so the learned per-head gain q_gain alone sets the logit scale), the `model.position`
-    encoding, and a zero-initialised output projection."""
+    encoding, and a zero-initialised output projection. In the layers model.ve_layers it adds
+    the value embedding (extras, pgolf.model.embed) times its own scalar to the values; in
+    model.xsa_layers it removes each output's self-value component (exclude_self_value)."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -69,15 +100,40 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
         tag(self, Role.CONTROL, "q_gain")
         self.position = POSITIONS.build(cfg.position, cfg, self.head_dim)
+        self.xsa = layer in layer_set(cfg.xsa_layers, cfg.num_layers)
+        self.ve_scale = None
+        if layer in value_embed_layers(cfg):
+            self.ve_scale = nn.Parameter(torch.tensor(1.0, dtype=torch.float32))
+            tag(self, Role.GATE, "ve_scale")
 
     def forward(self, x: Tensor, extras: dict[str, Tensor] | None = None) -> Tensor:
         batch, seq_len, dim = x.shape
         q = self.c_q(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x)
+        if self.ve_scale is not None:
+            v = v + self.ve_scale.to(v.dtype) * extras[VALUE_EMBED]
+        v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.position(rms_norm(q), rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
         )
+        if self.xsa:
+            y = exclude_self_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim))
+
+
+def attention_problems(cfg: ModelConfig) -> list[str]:
+    """What is wrong with the attention and RoPE keys of cfg."""
+    problems = layer_list_problems(cfg, "xsa_layers")
+    head_dim = cfg.model_dim // cfg.num_heads
+    if cfg.rope_dims % 2 or cfg.rope_dims > head_dim:
+        problems.append(f"model.rope_dims must be even and at most the head size model_dim / num_heads = {head_dim} "
+                        f"(0: all of it), got {cfg.rope_dims}")
+    elif cfg.rope_ref_len and (cfg.rope_dims or head_dim) <= 2:
+        problems.append("model.rope_ref_len scales the base by (length / ref)^(d / (d - 2)): it needs more than 2 "
+                        "rotated dims (model.rope_dims)")
+    if cfg.position != "rope" and (cfg.rope_dims or cfg.rope_fp32 or cfg.rope_ref_len):
+        problems.append("model.rope_dims, model.rope_fp32 and model.rope_ref_len apply only to model.position=rope")
+    return problems

@@ -22,7 +22,20 @@ class ModelConfig:
     attention: str = "gqa"  # attention module
     position: str = "rope"  # position encoding inside attention
     embed: list = field(default_factory=list)  # embedding add-ons, applied in order before the first norm
+    post_norm: list = field(default_factory=list)  # post-norm add-ons, after the first norm (x0 is their output)
     stream: list = field(default_factory=list)  # stream add-ons: per-forward inputs handed to attention
+    # Token-table add-ons (pgolf.model.embed), used only when switched on above:
+    bigram_buckets: int = 1536  # embed=bigram: hash buckets, the last one for each row's first position
+    bigram_dim: int = 128  # its table width (projected to model_dim unless equal)
+    ve_dim: int = 128  # stream=value_embed: table width (projected to the K/V width unless equal)
+    ve_layers: list[int] = field(default_factory=lambda: [-2, -1])  # its layers; negative: from the end
+    # The records' attention, RoPE and block switches (pgolf.model.attention, gpt); off by default
+    xsa_layers: list[int] = field(default_factory=list)  # exclusive self-attention in these layers
+    rope_dims: int = 0  # rotate the first rope_dims dims of each head; 0: all
+    rope_fp32: bool = False  # RoPE angles in fp32 even in a bf16 model (official: bf16 on CUDA)
+    rope_ref_len: int = 0  # > 0: longer sequences scale the base by (len / ref)^(d / (d - 2)); 0: off
+    ln_scale: bool = False  # block i scales its attention and MLP inputs by 1 / sqrt(i + 1)
+    init: str = "default"  # default (official) | orthogonal (#549: orthogonal non-zero linears)
     # Block layout: unet | recurrence | middle_cycle; auto: from model.recurrence and model.cycle_*
     layout: str = "auto"
     # MLP variant (pgolf.model.mlp.MLP_VARIANTS): relu2 (official) | leaky_relu2 | swiglu | gelu | silu
@@ -38,3 +51,19 @@ class ModelConfig:
     cycle_core: int = 0
     cycle_repeats: int = 0
     cycle_tail: int = 0
+
+
+def layer_set(layers: list[int], num_layers: int) -> frozenset[int]:
+    """The blocks a layer-list key (model.xsa_layers, ...) names; negative indices count from the end."""
+    return frozenset(i % num_layers for i in layers)
+
+
+def layer_list_problems(cfg: ModelConfig, key: str) -> list[str]:
+    layers, n = getattr(cfg, key), cfg.num_layers
+    outside = [i for i in layers if not -n <= i < n]
+    if outside:
+        return [f"model.{key} lists layers {outside} that model.num_layers={n} does not have "
+                f"(valid: 0..{n - 1}, or -{n}..-1 counting from the end)"]
+    if len(layer_set(layers, n)) != len(layers):
+        return [f"model.{key}={layers} names a layer twice (negative indices count from the end)"]
+    return []

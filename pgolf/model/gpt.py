@@ -1,6 +1,6 @@
 """The GPT, readable top to bottom: a fixed skeleton whose parts are chosen by config.
 
-    token embedding -> embedding add-ons (model.embed) -> RMS norm = x0
+    token embedding -> embedding add-ons (model.embed) -> RMS norm -> post-norm add-ons (model.post_norm) = x0
     -> the blocks, in the order the layout gives (model.layout; U-Net skips)
        each block: mix with x0, attention (model.attention, its position model.position), mlp (model.mlp)
     -> RMS norm -> output head (tied with the embedding by default) -> tanh logit softcap
@@ -8,10 +8,13 @@
 The defaults are the official Parameter Golf baseline, bit for bit: 9 x 512, GQA 8/4 heads with
 RoPE and RMS-normed Q/K (learnable per-head gain), a relu^2 MLP, U-Net skips, tied embeddings,
 softcap 30. The slots and their protocols are in pgolf.model.registry; every parameter carries
-a role (pgolf.model.roles) that decides its optimizer, dtype and export.
+a role (pgolf.model.roles) that decides its optimizer, dtype and export. Off by default, the
+records' switches: model.ln_scale (deeper blocks read smaller inputs), model.init=orthogonal.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +24,24 @@ from pgolf.model.config import ModelConfig
 from pgolf.model.layers import CastedLinear, rms_norm
 from pgolf.model.layout import block_schedule, layout_problems
 from pgolf.model.mlp import mlp_problems
-from pgolf.model.registry import ATTENTIONS, EMBEDDING_ADDONS, MLPS, SLOTS, STREAM_ADDONS
+from pgolf.model.registry import ATTENTIONS, EMBEDDING_ADDONS, MLPS, POST_NORM_ADDONS, SLOTS, STREAM_ADDONS
 from pgolf.model.roles import ROLE_TABLE, Role, param_roles, tag
 
 # Every module holding registry entries is imported here, statically: importing registers its
 # entries, and import statements are what the submission bundler follows (pgolf.model.registry).
 # The names are re-exported too, for the import paths other modules use.
 from pgolf.model.attention import CausalSelfAttention, Rotary, apply_rotary  # noqa: F401  "gqa", "rope"
+from pgolf.model.attention import attention_problems
+from pgolf.model.embed import embed_problems  # "bigram", "smear", "value_embed"
 from pgolf.model.layout import BlockSchedule, cycle_enabled  # noqa: F401  "unet", "recurrence", "middle_cycle"
 from pgolf.model.mlp import MLP, MLP_VARIANTS, MLPVariant, gated_hidden_size, mlp_hidden_size  # noqa: F401
 
 __all__ = ["GPT", "Block", "build_model", "count_parameters", "model_config_problems", "CastedLinear", "rms_norm",
            "CausalSelfAttention", "Rotary", "apply_rotary", "BlockSchedule", "block_schedule", "cycle_enabled",
            "MLP", "MLP_VARIANTS", "MLPVariant", "gated_hidden_size", "mlp_hidden_size"]
+
+
+INITS = ("default", "orthogonal")  # model.init
 
 
 class Block(nn.Module):
@@ -48,12 +56,17 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
         tag(self, Role.CONTROL, "attn_scale", "mlp_scale", "resid_mix")
+        self.ln_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+
+    def norm(self, x: Tensor) -> Tensor:
+        x = rms_norm(x)
+        return x if self.ln_scale == 1.0 else x * self.ln_scale
 
     def forward(self, x: Tensor, x0: Tensor, extras: dict[str, Tensor] | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), extras)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), extras)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
 
 class GPT(nn.Module):
@@ -77,7 +90,10 @@ class GPT(nn.Module):
         # initial weight unchanged (same seed, same random draws), so an ablation compares like
         # with like. Each add-on initialises its own parameters.
         self.embed_addons = nn.ModuleList(EMBEDDING_ADDONS.build(name, cfg) for name in cfg.embed)
+        self.post_norm_addons = nn.ModuleList(POST_NORM_ADDONS.build(name, cfg) for name in cfg.post_norm)
         self.stream_addons = nn.ModuleList(STREAM_ADDONS.build(name, cfg) for name in cfg.stream)
+        if cfg.init == "orthogonal":  # after the add-ons: it redraws their projections too
+            self._orthogonal_init()
 
     def _init_weights(self) -> None:
         # Linear layers keep PyTorch's default (Kaiming-uniform) init, as the official baseline;
@@ -86,11 +102,23 @@ class GPT(nn.Module):
         if self.cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.cfg.tied_embed_init_std)
 
+    def _orthogonal_init(self) -> None:
+        # #549's init: every linear that does not start at zero is redrawn orthogonal (gain 1):
+        # the blocks' always, any other (the add-ons' projections) when both sides are >= 64.
+        in_blocks = {id(m) for m in self.blocks.modules()}
+        for module in self.modules():
+            if isinstance(module, CastedLinear) and not module.zero_init:
+                if id(module) in in_blocks or min(module.weight.shape) >= 64:
+                    nn.init.orthogonal_(module.weight)
+
     def hidden_states(self, input_ids: Tensor) -> Tensor:
         x = self.tok_emb(input_ids)
         for addon in self.embed_addons:
             x = addon(x, input_ids)
-        x = x0 = rms_norm(x)
+        x = rms_norm(x)
+        for addon in self.post_norm_addons:
+            x = addon(x, input_ids)
+        x0 = x
         extras: dict[str, Tensor] = {}
         for addon in self.stream_addons:
             extras.update(addon(input_ids, x0))
@@ -149,4 +177,5 @@ def model_config_problems(cfg: ModelConfig) -> list[str]:
     unknown = [problem for field, slot in SLOTS.items() for problem in slot.problems(getattr(cfg, field))]
     if unknown:
         return unknown
-    return mlp_problems(cfg) + layout_problems(cfg)
+    init = [f"model.init must be default or orthogonal, got '{cfg.init}'"] if cfg.init not in INITS else []
+    return mlp_problems(cfg) + layout_problems(cfg) + embed_problems(cfg) + attention_problems(cfg) + init

@@ -3,12 +3,14 @@
 GPT.hidden_states is a fixed skeleton; each slot below is a dict name -> builder, filled by
 one decorator line in the module that implements the entry:
 
-    embed -> embedding add-ons -> norm -> blocks in the layout's order -> norm
+    embed -> embedding add-ons -> norm -> post-norm add-ons = x0 -> blocks in the layout's order -> norm
                                           each: attention (with its position), mlp
 
 | slot            | config key              | builder(...) -> what                 | forward protocol                        |
 |-----------------|-------------------------|--------------------------------------|-----------------------------------------|
 | embedding_addon | model.embed = [names]   | (cfg) -> nn.Module                   | (x, input_ids) -> x, before the norm    |
+| post_norm_addon | model.post_norm = [...] | (cfg) -> nn.Module                   | (x, input_ids) -> x, after the norm;    |
+|                 |                         |                                      | its output is x0                        |
 | stream_addon    | model.stream = [names]  | (cfg) -> nn.Module                   | (input_ids, x0) -> {name: tensor}, once  |
 |                 |                         |                                      | per forward, handed to every attention  |
 |                 |                         |                                      | as `extras` (e.g. value embeddings)     |
@@ -78,6 +80,7 @@ class Registry(dict):
 
 
 EMBEDDING_ADDONS = Registry("embedding_addon", "model.embed", "embedding", many=True)
+POST_NORM_ADDONS = Registry("post_norm_addon", "model.post_norm", "embedding", many=True)
 STREAM_ADDONS = Registry("stream_addon", "model.stream", "embedding", many=True)
 ATTENTIONS = Registry("attention", "model.attention", "attention")
 POSITIONS = Registry("position", "model.position", "attention")
@@ -85,5 +88,5 @@ MLPS = Registry("mlp", "model.mlp", "mlp")
 LAYOUTS = Registry("layout", "model.layout", None, auto=True)
 
 # Config field -> its slot, in the order the skeleton uses them.
-SLOTS: dict[str, Registry] = {"embed": EMBEDDING_ADDONS, "stream": STREAM_ADDONS, "attention": ATTENTIONS,
-                              "position": POSITIONS, "mlp": MLPS, "layout": LAYOUTS}
+SLOTS: dict[str, Registry] = {"embed": EMBEDDING_ADDONS, "post_norm": POST_NORM_ADDONS, "stream": STREAM_ADDONS,
+                              "attention": ATTENTIONS, "position": POSITIONS, "mlp": MLPS, "layout": LAYOUTS}

@@ -43,7 +43,9 @@ class RoleTreatment:
     lr_key: str  # the optim.* learning rate
     wd_key: str  # the optim.* weight decay
     cuda_dtype: torch.dtype  # the dtype build_model gives it on CUDA (the rest of the body is bf16)
-    export: str  # "scheme": quantized by export.scheme / policy; "fp32" | "fp16": kept as float
+    # "scheme": quantized by export.scheme / policy; "int8": the same, but int8 under a narrower
+    # scheme unless the policy says otherwise (as the records keep embeddings); "fp32" | "fp16": kept as float
+    export: str
     qat: bool  # may quantization-aware training fake-quantize it
     component: str | None  # the planner's component; None: the slot owning it (attention, mlp, ...)
     tied_lr_key: str | None = None  # the learning rate instead, when the embeddings are tied
@@ -53,9 +55,9 @@ ROLE_TABLE: dict[Role, RoleTreatment] = {
     # Muon orthogonalises whole matrices; fp32 master weights, cast to the input dtype per use.
     Role.MATRIX: RoleTreatment("muon", "matrix_lr", "muon_wd", torch.float32, "scheme", True, None),
     # Sparse rows: Adam. bf16 on CUDA, as the official baseline; tied, it is the head too.
-    Role.EMBEDDING: RoleTreatment("adam_token", "embed_lr", "embed_wd", torch.bfloat16, "scheme", False, "embedding",
+    Role.EMBEDDING: RoleTreatment("adam_token", "embed_lr", "embed_wd", torch.bfloat16, "int8", False, "embedding",
                                   tied_lr_key="tied_embed_lr"),
-    Role.HEAD: RoleTreatment("adam_head", "head_lr", "adam_wd", torch.float32, "scheme", False, "embedding"),
+    Role.HEAD: RoleTreatment("adam_head", "head_lr", "adam_wd", torch.float32, "int8", False, "embedding"),
     # Few numbers with a large effect on the function: full precision everywhere.
     Role.CONTROL: RoleTreatment("adam_scalar", "scalar_lr", "adam_wd", torch.float32, "fp32", False, "control"),
     Role.GATE: RoleTreatment("adam_scalar", "scalar_lr", "adam_wd", torch.float32, "fp16", False, "control"),
@@ -139,8 +141,9 @@ def component_of(model: nn.Module, name: str) -> str:
 # ------------------------------------------------------------------ for the export and QAT
 
 def export_treatment(model: nn.Module) -> dict[str, str]:
-    """{parameter name: "scheme" | "fp32" | "fp16"}: how the export stores each parameter by its
-    role. "scheme": export.scheme / policy decide; the floats: kept as that float whatever the
+    """{parameter name: "scheme" | "int8" | "fp32" | "fp16"}: how the export stores each parameter by
+    its role. "scheme": export.scheme / policy decide; "int8": the same, except that a scheme narrower
+    than int8 leaves it int8 (embedding tables, an untied head); the floats: kept as that float whatever the
     scheme (CONTROL fp32, GATE fp16). The export's small-tensor rule (KEEP_FLOAT_MAX_NUMEL)
     stores every other small float tensor as fp16."""
     return {name: ROLE_TABLE[role].export for name, role in param_roles(model).items()}
@@ -148,7 +151,7 @@ def export_treatment(model: nn.Module) -> dict[str, str]:
 
 def export_passthrough(model: nn.Module) -> dict[str, str]:
     """{name: "fp32" | "fp16"}: the parameters the export keeps as floats whatever its scheme."""
-    return {name: kind for name, kind in export_treatment(model).items() if kind != "scheme"}
+    return {name: kind for name, kind in export_treatment(model).items() if kind in ("fp32", "fp16")}
 
 
 def qat_eligible_names(model: nn.Module) -> frozenset[str]:

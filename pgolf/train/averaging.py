@@ -63,7 +63,7 @@ class EMACallback(TrainCallback):
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["shadow"]) != set(self.shadow):
-            raise RuntimeError("the checkpoint's EMA covers other weights than this model's "
+            raise RuntimeError(f"the checkpoint's {self.name} average covers other weights than this model's "
                                f"({sorted(set(state['shadow']) ^ set(self.shadow))[:4]} ...); resume with the config "
                                "the checkpoint was written with")
         with torch.no_grad():

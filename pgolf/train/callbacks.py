@@ -1,5 +1,5 @@
 """Training callbacks: techniques that act around the optimizer steps rather than inside the
-model (quantization-aware training, weight averaging).
+model (quantization-aware training, weight averaging: EMA, SWA).
 
 A callback is one module with one class; it is switched on by its own config section, listed
 once in CALLBACKS below, and built by pgolf.train.trainer.build_callbacks. Its module is imported
@@ -54,4 +54,5 @@ class TrainCallback:
 CALLBACKS: dict[str, tuple[str, Callable]] = {
     "qat": ("pgolf.train.qat", lambda cfg: cfg.qat.enabled),
     "ema": ("pgolf.train.averaging", lambda cfg: cfg.ema.enabled),
+    "swa": ("pgolf.train.swa", lambda cfg: cfg.swa.enabled),
 }

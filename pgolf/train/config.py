@@ -1,4 +1,4 @@
-"""The training config sections: [train], [optim], [qat], [ema], [run]."""
+"""The training config sections: [train], [optim], [qat], [ema], [swa], [run]."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ class TrainConfig:
     eval_stride: int = 0
     train_log_every: int = 200
     grad_clip_norm: float = 0.0
+    # What the clip's norm covers with several processes: synced = the averaged gradient (one
+    # process: the same); per_rank = each rank's local gradient, clipped before the cross-rank
+    # average (the #549 records' form: their gradients are synchronised after the clip).
+    grad_clip_mode: str = "synced"
     checkpoint_every: int = 0
     # Divergence that stays finite (pgolf.train.trainer): every N steps (and at validation,
     # checkpoints and the end) one fused reduction checks that no weight is non-finite or beyond
@@ -78,6 +82,9 @@ class OptimConfig:
     # share, all-gather the updates (pgolf.train.parallel_muon): auto (on for CUDA, world size > 1) | on | off.
     # Off by default until it is measured over NCCL on GPUs (verified on CPU/gloo only).
     parallel_muon: str = "off"
+    # Parallel Muon (#549's form): reduce-scatter the gradients, keep the momentum and all-gather
+    # the updates in bf16 (pgolf.train.parallel_muon); no effect with one process.
+    parallel_muon_bf16: bool = False
 
 
 @dataclass
@@ -99,6 +106,16 @@ class EMAConfig:
 
     def problems(self) -> list[str]:
         return [] if 0.0 < self.decay < 1.0 else [f"ema.decay must be within (0, 1), got {self.decay}"]
+
+
+@dataclass
+class SWAConfig:
+    # Stochastic weight averaging (pgolf.train.swa): every `every` steps while the lr multiplier is
+    # below start_scale a snapshot of the weights joins a uniform mean, which replaces the weights
+    # for evaluation and export. Cannot be combined with [ema].
+    enabled: bool = False
+    every: int = 50  # the #549 record's
+    start_scale: float = 0.2  # the #549 record's
 
 
 @dataclass

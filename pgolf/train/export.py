@@ -26,6 +26,7 @@ class ExportResult:
     size: SizeReport
     roundtrip: EvalResult
     stride: int  # window stride of the roundtrip evaluation (train_seq_len: the standard one)
+    calibration: dict | None = None  # calibration_record, when GPTQ or the allocator calibrated
 
 
 def artifact_meta(cfg) -> dict:
@@ -85,12 +86,12 @@ def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
     code_bytes, code_description = counted_code_bytes(cfg)  # the length of this run's train_gpt.py
     plan = quantize_for_export(trainer.base_model, cfg, trainer.data.train_files, info.device, code_bytes,
                                logger.log)
-    e = cfg.export
-    if e.gptq_reserve_seconds > 0:
-        verdict = "within" if plan.seconds <= e.gptq_reserve_seconds else "OVER"
-        logger.log(f"gptq: calibration + quantization took {plan.seconds:.1f} s, {verdict} the "
-                   f"{e.gptq_reserve_seconds:.1f} s reserved from the wall-clock budget; training + gptq = "
-                   f"{trainer.training_time_ms / 1000 + plan.seconds:.1f} s")
+    calibration = None
+    if cfg.export.gptq or cfg.export.allocate:  # was training data read inside the budget? (optional module)
+        from pgolf.train.calibration import calibration_record, log_calibration
+
+        calibration = calibration_record(cfg, trainer.training_time_ms, plan.calibration_seconds, trainer.reserve_s)
+        log_calibration(calibration, cfg, logger)
 
     def write() -> dict:
         blob = pack_export(plan, cfg)
@@ -124,4 +125,4 @@ def export_and_roundtrip(trainer, cfg, run_dir: Path, logger) -> ExportResult:
     receipt_path = info.main_only(write_receipt, RunDir(run_dir).roundtrip_receipt, receipt, overwrite=True)
     logger.event("final", size=size_to_dict(report), roundtrip=roundtrip.to_dict(), roundtrip_stride=stride,
                  receipt=str(receipt_path))
-    return ExportResult(path, report, roundtrip, stride)
+    return ExportResult(path, report, roundtrip, stride, calibration)

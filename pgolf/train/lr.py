@@ -5,15 +5,22 @@ from __future__ import annotations
 from pgolf.train.config import TrainConfig
 
 
-def lr_scale(step: int, elapsed_ms: float, cfg: TrainConfig) -> float:
+def budget_ms(cfg: TrainConfig, reserve_seconds: float = 0.0) -> float | None:
+    """Training's wall-clock budget in ms, the one both the stop and the schedule use:
+    max_wallclock_seconds less the seconds reserved for the export's calibration (None: no cap)."""
+    return 1000.0 * (cfg.max_wallclock_seconds - reserve_seconds) if cfg.max_wallclock_seconds > 0 else None
+
+
+def lr_scale(step: int, elapsed_ms: float, cfg: TrainConfig, reserve_seconds: float = 0.0) -> float:
     """Multiplier on every base learning rate at `step` after `elapsed_ms` of training time.
 
     - warmdown_frac > 0 and a wall-clock cap: decay over the last warmdown_frac of the budget.
     - warmdown_iters with a wall-clock cap (official): the warmdown lasts warmdown_iters steps at
       the average step time so far, ending when the budget runs out.
     - warmdown_iters without a cap (official): the last warmdown_iters of `iterations`.
+    The budget is budget_ms(cfg, reserve_seconds).
     """
-    cap_ms = 1000.0 * cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else None
+    cap_ms = budget_ms(cfg, reserve_seconds)
     if cfg.warmdown_frac > 0:
         if cap_ms is not None:
             warmdown_ms = cfg.warmdown_frac * cap_ms

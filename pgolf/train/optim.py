@@ -81,12 +81,11 @@ def resolve_switch(setting: str, default_on: bool) -> bool:
     return setting == "on" or (setting == "auto" and default_on)
 
 
-def use_parallel_muon(setting: str, device: torch.device, world_size: int, grad_clip_norm: float = 0.0) -> bool:
-    """optim.parallel_muon: auto is on for CUDA with several processes and no gradient clipping
-    (which needs every gradient synchronised before the step); with one process it is plain Muon."""
+def use_parallel_muon(setting: str, device: torch.device, world_size: int) -> bool:
+    """optim.parallel_muon: auto is on for CUDA with several processes; with one process it is plain Muon."""
     if world_size <= 1:
         return False
-    return setting == "on" or (setting == "auto" and device.type == "cuda" and grad_clip_norm <= 0)
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def ordered_roles(model: GPT) -> dict[str, Role]:
@@ -136,7 +135,7 @@ def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device, paralle
     if parallel_muon:
         from pgolf.train.parallel_muon import ParallelMuon  # optional: shipped only when optim.parallel_muon may enable it
 
-        muon = ParallelMuon(groups("muon"), **muon_kwargs)
+        muon = ParallelMuon(groups("muon"), bf16=cfg.parallel_muon_bf16, **muon_kwargs)
     else:
         muon = Muon(groups("muon"), **muon_kwargs)
     opts = Optimizers(adam_token=adam("adam_token"), muon=muon, adam_scalar=adam("adam_scalar"),

@@ -17,10 +17,16 @@ matrix gradient, then Muon all-reduces a zero-padded buffer of the updates. Here
    decay) to all matrices, so the weights stay identical on every rank.
 
 The gradients of these matrices must then NOT be all-reduced by DDP as well: `ddp_ignore`
-registers them with DDP as ignored parameters before wrapping. Consequence: until `step`,
-the matrices' .grad hold each rank's local gradient, so gradient clipping over all parameters
-cannot be used with it (the config refuses that combination). With one process, or without
+registers them with DDP as ignored parameters before wrapping. Consequence: the matrices' .grad
+hold each rank's local gradient; the synchronised ones exist only as the shards of step 2, which
+`synced_grads` hands to a gradient clip (pgolf.train.clipping). With one process, or without
 torch.distributed, `step` is exactly `Muon.step`.
+
+bf16 (optim.parallel_muon_bf16, the #549 record's form): the reduce-scatter sends the gradients
+in bf16, so the averaged gradient shard, the momentum buffer and the Nesterov direction are
+bf16, and the updates are all-gathered in bf16. Otherwise the gradients travel and the momentum
+is kept in the parameters' dtype and the updates travel in the Newton-Schulz dtype (which is
+bf16 on CUDA already). Weight decay and the update are applied in the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -71,8 +77,10 @@ def plan_buckets(params: list[Tensor], world_size: int) -> list[Bucket]:
 class ParallelMuon(Muon):
     """Muon whose matrices' gradient sync and orthogonalisation are sharded over the ranks."""
 
-    def __init__(self, params, *args, **kwargs):
+    def __init__(self, params, *args, bf16: bool = False, **kwargs):
         super().__init__(params, *args, **kwargs)
+        self.bf16 = bf16
+        self._mine: dict[int, list[tuple[int, Tensor, Tensor]]] = {}  # group -> waited (bucket, param, shard)
         self._plans: dict[int, tuple[int, list[Bucket]]] = {}  # per group: (world_size, buckets)
         self._bucket_of: dict[int, tuple[int, int]] = {}  # id(param) -> (group, bucket)
         self._armed = False
@@ -99,6 +107,12 @@ class ParallelMuon(Muon):
                     if p is not None:
                         self._bucket_of[id(p)] = (group_index, bi)
         return cached[1]
+
+    def momentum_buffer(self, p: Tensor) -> Tensor:
+        buf = super().momentum_buffer(p)
+        if self.bf16 and buf.dtype != torch.bfloat16:  # new, or cast to p's dtype by load_state_dict
+            buf = self.state[p]["momentum_buffer"] = buf.to(torch.bfloat16)
+        return buf
 
     # --- gradient reduce-scatter --------------------------------------------------------------
     def arm_backward_sync(self, enabled: bool) -> None:
@@ -135,12 +149,13 @@ class ParallelMuon(Muon):
         world_size, _ = self._world()
         bucket = self.buckets(gi)[bi]
         ref = next(p for p in bucket.params if p is not None)
-        packed = torch.zeros((world_size, *bucket.shape), device=ref.device, dtype=ref.dtype)
+        dtype = torch.bfloat16 if self.bf16 else ref.dtype
+        packed = torch.zeros((world_size, *bucket.shape), device=ref.device, dtype=dtype)
         for slot, (p, transposed) in enumerate(zip(bucket.params, bucket.transposed)):
             if p is not None and p.grad is not None:  # a missing gradient counts as zero
                 packed[slot].copy_(p.grad.mT if transposed else p.grad)
         packed.div_(world_size)  # the sum over ranks becomes DDP's average
-        shard = torch.empty((1, *bucket.shape), device=ref.device, dtype=ref.dtype)  # gloo wants the leading 1
+        shard = torch.empty((1, *bucket.shape), device=ref.device, dtype=dtype)  # gloo wants the leading 1
         work = _reduce_scatter(shard, packed, op=dist.ReduceOp.SUM, async_op=True)
         self._launched[(gi, bi)] = (work, shard[0])
 
@@ -158,20 +173,36 @@ class ParallelMuon(Muon):
             self._armed = False
             self._ready.clear()
             self._launched.clear()
+            self._mine.clear()
         return None
 
-    def _step_group(self, gi: int, group: dict, world_size: int, rank: int) -> None:
-        buckets = self.buckets(gi)
+    def synced_grads(self) -> list[Tensor]:
+        """This rank's share of the matrices' averaged gradients, which the next `step` uses (it
+        waits for the reduce-scatters, starting any not started): scaling them in place scales the
+        update. With one process: the matrices' gradients."""
+        if self._world()[0] == 1:
+            return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return [g for gi, group in enumerate(self.param_groups) if group["params"] for _, _, g in self._wait(gi)]
+
+    def _wait(self, gi: int) -> list[tuple[int, Tensor, Tensor]]:
+        """(bucket, param, averaged gradient) of this rank's matrices in group gi."""
+        if gi in self._mine:
+            return self._mine[gi]
+        buckets, rank = self.buckets(gi), self._world()[1]
         for bi in range(len(buckets)):
             if (gi, bi) not in self._launched:
                 self._launch(gi, bi)
-        mine: list[tuple[int, Tensor, Tensor]] = []  # (bucket, param, averaged gradient)
+        mine = self._mine[gi] = []
         for bi, bucket in enumerate(buckets):
             work, shard = self._launched[(gi, bi)]
             work.wait()
             p = bucket.params[rank]
             if p is not None:
                 mine.append((bi, p, shard.mT if bucket.transposed[rank] else shard))
+        return mine
+
+    def _step_group(self, gi: int, group: dict, world_size: int, rank: int) -> None:
+        buckets, mine = self.buckets(gi), self._wait(gi)
         updates = muon_updates([g for _, _, g in mine], [self.momentum_buffer(p) for _, p, _ in mine],
                                group["momentum"], group["nesterov"], group["backend_steps"], self.ns_dtype,
                                self.batched, self.orthogonalize)
@@ -179,10 +210,11 @@ class ParallelMuon(Muon):
         gathered = []
         for bi, bucket in enumerate(buckets):
             u = own_update.get(bi)
-            send = torch.zeros((1, *bucket.shape), device=self._device(bucket), dtype=self.ns_dtype)
+            send = torch.zeros((1, *bucket.shape), device=self._device(bucket),
+                               dtype=torch.bfloat16 if self.bf16 else self.ns_dtype)
             if u is not None:
                 send[0].copy_(u.mT if bucket.transposed[rank] else u)
-            out = torch.empty((world_size, *bucket.shape), device=send.device, dtype=self.ns_dtype)
+            out = torch.empty((world_size, *bucket.shape), device=send.device, dtype=send.dtype)
             gathered.append((_all_gather(out, send, async_op=True), out))
         for bucket, (work, out) in zip(buckets, gathered):
             work.wait()

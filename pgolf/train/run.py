@@ -196,6 +196,10 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
         logger.log(f"resumed from {path.name} at step {trainer.step} ({trainer.training_time_ms:.0f} ms trained)")
         logger.event("resume", step=trainer.step, checkpoint=path.name)
 
+    if cfg.export.gptq or cfg.export.allocate:  # the export calibrates: its reserve is off the stop and the schedule
+        from pgolf.train.calibration import calibration_reserve
+
+        trainer.reserve_s = calibration_reserve(trainer, cfg, logger.log)
     status, stop_reason = run_loop(trainer, cfg, info, logger, ckpt_dir, interrupt_at_step, interrupts)
     trainer.loader.close()  # training consumed its last batch: stop the prefetch thread
     summary = {"status": status, "run_id": run_dir.name, "steps": trainer.step,
@@ -218,6 +222,7 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
         size=size_to_dict(result.size),
         val_tokens_scored=data.val_tokens.numel() - 1,
         val_tokens_total=data.val_tokens_total,
+        **({"calibration": result.calibration} if result.calibration else {}),
     )
     if info.is_main:
         write_json(summary_path, summary)

@@ -21,8 +21,11 @@ OPTIONAL_MODULES: dict[str, Callable[[Config], bool]] = {
     "pgolf.data.synthetic": lambda cfg: cfg.data.source == "synthetic",
     "pgolf.compress.gptq": lambda cfg: cfg.export.gptq or cfg.export.allocate,  # allocation needs its Hessians
     "pgolf.compress.allocate": lambda cfg: cfg.export.allocate,
+    "pgolf.train.calibration": lambda cfg: cfg.export.gptq or cfg.export.allocate,
     "pgolf.train.losses": lambda cfg: cfg.train.fused_loss != "off",  # auto: on for CUDA
     "pgolf.train.parallel_muon": lambda cfg: cfg.optim.parallel_muon != "off",  # auto: on for CUDA, world size > 1
+    "pgolf.train.clipping": lambda cfg: cfg.train.grad_clip_norm > 0 and (
+        cfg.train.grad_clip_mode == "per_rank" or cfg.optim.parallel_muon != "off"),
     **dict(CALLBACKS.values()),  # a training callback's module, when its section switches it on
     "pgolf.train.bundle": lambda cfg: False,  # packing; inside a bundle the running file is what counts
 }

@@ -32,7 +32,7 @@ from pgolf.runtime.compile_check import RecompileWatch
 from pgolf.runtime.distributed import DistInfo
 from pgolf.runtime.interrupts import InterruptGuard, Interrupted
 from pgolf.train.checkpoint import Checkpoint, prune_checkpoints, save_checkpoint
-from pgolf.train.lr import lr_scale
+from pgolf.train.lr import budget_ms, lr_scale
 from pgolf.train.muon import orthogonalize
 from pgolf.train.optim import Optimizers, build_optimizers, muon_momentum_at, resolve_switch, use_parallel_muon
 from pgolf.train.progress import TrainProgress
@@ -116,6 +116,10 @@ def build_callbacks(cfg) -> list[TrainCallback]:
         from pgolf.train.averaging import EMACallback
 
         callbacks.append(EMACallback(cfg.ema))
+    if CALLBACKS["swa"][1](cfg):
+        from pgolf.train.swa import SWACallback
+
+        callbacks.append(SWACallback(cfg.swa))
     return callbacks
 
 
@@ -139,8 +143,7 @@ class Trainer:
             self.fast_model = torch.compile(loss_model, dynamic=False, fullgraph=True)
         else:
             self.fast_model = loss_model
-        parallel_muon = use_parallel_muon(cfg.optim.parallel_muon, info.device, info.world_size,
-                                          cfg.train.grad_clip_norm)
+        self.parallel_muon = parallel_muon = use_parallel_muon(cfg.optim.parallel_muon, info.device, info.world_size)
         self.optimizers: Optimizers = build_optimizers(self.base_model, cfg.optim, info.device, parallel_muon)
         if parallel_muon:  # Parallel Muon reduce-scatters the matrices' gradients itself, not DDP
             from pgolf.train.parallel_muon import ddp_ignore
@@ -160,6 +163,8 @@ class Trainer:
         self.training_time_ms = 0.0
         self.callbacks = build_callbacks(cfg)  # QAT, EMA, ...: pgolf.train.callbacks
         self.exporting = False  # set by before_export
+        # Seconds the export's calibration takes off the wall-clock budget (set by pgolf.train.calibration).
+        self.reserve_s = cfg.export.gptq_reserve_seconds
         for callback in self.callbacks:
             callback.on_train_start(self)
 
@@ -185,12 +190,15 @@ class Trainer:
     def train_step(self, scale: float) -> Tensor:
         """One optimizer step over 8 // world_size micro-batches; returns the mean loss."""
         cfg, accum = self.cfg.train, self.info.grad_accum_steps
+        self.lr_scale = scale  # the step's lr multiplier, for the callbacks (SWA)
+        # per_rank: every rank clips its local gradient, which is averaged after (pgolf.train.clipping)
+        per_rank = cfg.grad_clip_norm > 0 and cfg.grad_clip_mode == "per_rank" and self.info.distributed
         self.optimizers.zero_grad()
         total = torch.zeros((), device=self.info.device)
         for micro in range(accum):
             if self.info.distributed:
-                self.model.require_backward_grad_sync = micro == accum - 1
-                self.optimizers.arm_backward_sync(micro == accum - 1)
+                self.model.require_backward_grad_sync = sync = micro == accum - 1 and not per_rank
+                self.optimizers.arm_backward_sync(sync)
             x, y = self.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum)
             with autocast_for(self.info.device):
                 loss = self.model(x, y)
@@ -198,7 +206,11 @@ class Trainer:
             (loss / accum).backward()
         self.optimizers.set_muon_momentum(muon_momentum_at(self.step, self.cfg.optim))
         self.optimizers.set_lr_scale(scale)
-        if cfg.grad_clip_norm > 0:
+        if cfg.grad_clip_norm > 0 and (per_rank or self.parallel_muon):
+            from pgolf.train.clipping import clip_gradients  # optional: shipped only for these modes
+
+            clip_gradients(self.base_model, self.optimizers.muon, cfg.grad_clip_norm, per_rank)
+        elif cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.base_model.parameters(), cfg.grad_clip_norm)
         self.optimizers.step()
         self.optimizers.zero_grad()
@@ -328,9 +340,8 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
     ranks agree, in each step's collective, to stop together after the same step."""
     interrupts = interrupts or InterruptGuard()
     tcfg = cfg.train
-    # Time reserved for GPTQ comes off the training budget when it is charged to it.
-    cap_ms = 1000.0 * (tcfg.max_wallclock_seconds - cfg.export.gptq_reserve_seconds) \
-        if tcfg.max_wallclock_seconds > 0 else None
+    # Time reserved for the export's calibration comes off the budget: the stop, the schedule and progress.
+    cap_ms = budget_ms(tcfg, trainer.reserve_s)
     progress = TrainProgress(tcfg.iterations, enabled=info.is_main and logger.console, logger=logger,
                              every_seconds=tcfg.progress_every_seconds, batch_tokens=tcfg.train_batch_tokens,
                              cap_ms=cap_ms, start_step=trainer.step, start_ms=trainer.training_time_ms)
@@ -360,8 +371,8 @@ def run_loop(trainer: Trainer, cfg: Config, info: DistInfo, logger: RunLogger, c
                 with interrupts.deferred():
                     mid_step = True
                     for callback in trainer.callbacks:
-                        callback.on_step_start(trainer, _progress(trainer.step, now_ms, cfg))
-                    scale = lr_scale(trainer.step, now_ms, tcfg)
+                        callback.on_step_start(trainer, _progress(trainer.step, now_ms, cap_ms, tcfg.iterations))
+                    scale = lr_scale(trainer.step, now_ms, tcfg, trainer.reserve_s)
                     recompiles.before_step()
                     loss_value = trainer.train_step(scale).item()
                     for callback in trainer.callbacks:
@@ -451,11 +462,9 @@ def _raise_if_unhealthy(trainer: Trainer, ckpt_dir: Path, abs_max: float, bad_we
             "loss_stalled")
 
 
-def _progress(step: int, elapsed_ms: float, cfg: Config) -> float:
-    """Fraction of training done: of the wall-clock budget when capped, else of the iterations."""
-    if cfg.train.max_wallclock_seconds > 0:
-        return elapsed_ms / (1000.0 * cfg.train.max_wallclock_seconds)
-    return step / max(cfg.train.iterations, 1)
+def _progress(step: int, elapsed_ms: float, cap_ms: float | None, iterations: int) -> float:
+    """Fraction of training done: of the wall-clock budget (budget_ms) when capped, else of the iterations."""
+    return elapsed_ms / cap_ms if cap_ms is not None else step / max(iterations, 1)
 
 
 def _divergence_message(step: int, what: str, ckpt_dir: Path, checkpoint_every: int,

@@ -36,21 +36,29 @@ EXPECTED_PARAMS = {
     "smoke": 260 * 128 + 4 * (attention(128, 2, 4) + 2 * 128 * 256 + controls(128, 4)) + 2 * 128,
     # SwiGLU: three matrices (gate, up, proj) of d x hidden.
     "seed_swiglu_576x7": 1024 * 576 + 7 * (attention(576, 4, 8) + 3 * 576 * 768 + controls(576, 8)) + 3 * 576,
-    "seed_recurrence_swiglu": 1024 * 416 + 11 * (attention(416, 4, 8) + 3 * 416 * 1152 + controls(416, 8)) + 5 * 416,
+    "seed_recurrence_swiglu_baseline": 1024 * 416 + 11 * (attention(416, 4, 8) + 3 * 416 * 1152 + controls(416, 8)) + 5 * 416,
     "ablation_relu2": 1024 * 512 + 9 * (attention(512, 4, 8) + 2 * 512 * 2048 + controls(512, 8)) + 4 * 512,
     "ablation_gelu": 1024 * 512 + 9 * (attention(512, 4, 8) + 2 * 512 * 2048 + controls(512, 8)) + 4 * 512,
     "ablation_silu": 1024 * 512 + 9 * (attention(512, 4, 8) + 2 * 512 * 2048 + controls(512, 8)) + 4 * 512,
     "ablation_swiglu": 1024 * 512 + 9 * (attention(512, 4, 8) + 3 * 512 * 1368 + controls(512, 8)) + 4 * 512,
+    # #549: + BigramHash (table, projection, scale), SmearGate, value embeddings (table,
+    # projection, scale, one scalar per listed layer).
+    "pr549": 1024 * 512 + 11 * (attention(512, 4, 8) + 2 * 512 * 1536 + controls(512, 8)) + 5 * 512
+             + (1536 * 128 + 512 * 128 + 1) + 512 + (1024 * 128 + 256 * 128 + 1 + 2),
+    # Seed 001 on the #549 stack: #549 with SwiGLU (gate, up, proj of 512 x 1152) in its blocks.
+    "seed_recurrence_swiglu": 1024 * 512 + 11 * (attention(512, 4, 8) + 3 * 512 * 1152 + controls(512, 8))
+                              + 5 * 512 + (1536 * 128 + 512 * 128 + 1) + 512 + (1024 * 128 + 256 * 128 + 1 + 2),
 }
 # (unique, effective) depth
-EXPECTED_DEPTH = {"seed_recurrence_swiglu": (11, 22), "seed_swiglu_576x7": (7, 7), "baseline": (9, 9)}
+EXPECTED_DEPTH = {"seed_recurrence_swiglu": (11, 22), "seed_recurrence_swiglu_baseline": (11, 22), "seed_swiglu_576x7": (7, 7), "baseline": (9, 9)}
 
 
 def test_hand_arithmetic_matches_known_totals():
     assert EXPECTED_PARAMS["baseline"] == 17_059_912  # the official baseline's count
     assert EXPECTED_PARAMS["seed_swiglu_576x7"] == 16_864_760  # what the seed's own log reports
-    assert EXPECTED_PARAMS["seed_recurrence_swiglu"] == 21_971_960
+    assert EXPECTED_PARAMS["seed_recurrence_swiglu_baseline"] == 21_971_960
     assert EXPECTED_PARAMS["ablation_relu2"] == 26_497_096
+    assert EXPECTED_PARAMS["pr549"] == 26_928_220  # what #549's log reports
 
 
 def test_every_preset_has_a_hand_computed_count():
@@ -96,12 +104,44 @@ def test_seed_presets_switch_what_they_claim():
     seed, _ = resolve_config("seed_swiglu_576x7", [], env={})
     assert (seed.model.mlp, seed.model.mlp_hidden, seed.optim.muon_wd) == ("swiglu", 768, 0.02)
     assert seed.export.fp16_embedding and seed.train.warmdown_frac == 0.6 and seed.train.eval_stride == 64
-    rec, _ = resolve_config("seed_recurrence_swiglu", [], env={})
+    rec, _ = resolve_config("seed_recurrence_swiglu_baseline", [], env={})
     assert (rec.model.recurrence, rec.model.mlp, rec.optim.muon_wd, rec.train.eval_stride) == (2, "swiglu", 0.02, 64)
     bits = policy_bits(effective_policy(rec.export))
     assert bits("tok_emb.weight") == "fp16"
     assert [bits(f"blocks.{i}.mlp.up.weight") for i in range(11)] == [6] + [5] * 9 + [6]
     assert {bits(f"blocks.{i}.attn.{m}.weight") for i in range(11) for m in ("c_q", "c_k", "c_v", "proj")} == {6}
+
+
+def test_seed_001_is_the_549_stack_with_recurrence_swiglu_and_int5_middle_mlps():
+    stack, _ = resolve_config("pr549", [], env={})
+    seed, _ = resolve_config("seed_recurrence_swiglu", [], env={})
+    assert (seed.model.recurrence, seed.model.mlp, seed.model.mlp_hidden) == (2, "swiglu", 1152)
+    differs = {f"{section}.{key}" for section, values in seed.to_dict().items() for key, value in values.items()
+               if getattr(getattr(stack, section), key) != value}
+    assert differs == {"run.name", "model.mlp", "model.mlp_hidden", "model.mlp_mult", "model.recurrence",
+                       "export.policy"} - ({"model.mlp_mult"} if seed.model.mlp_mult == stack.model.mlp_mult else set())
+    bits = policy_bits(effective_policy(seed.export))
+    assert [bits(f"blocks.{i}.mlp.up.weight") for i in range(11)] == [6] + [5] * 9 + [6]
+    assert {bits(f"blocks.{i}.attn.{m}.weight") for i in range(11) for m in ("c_q", "c_k", "c_v", "proj")} == {6}
+
+
+def test_pr549_preset_is_the_record_recipe():
+    cfg, _ = resolve_config("pr549", [], env={})
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp, m.mlp_slope, m.mlp_mult) == \
+        (11, 512, 8, 4, "leaky_relu2", 0.5, 3)
+    assert (m.embed, m.bigram_buckets, m.bigram_dim, m.post_norm, m.stream, m.ve_layers) == \
+        (["bigram"], 1536, 128, ["smear"], ["value_embed"], [9, 10])
+    assert (m.xsa_layers, m.rope_dims, m.rope_fp32, m.rope_ref_len, m.ln_scale, m.init) == \
+        ([7, 8, 9, 10], 16, True, 1024, True, "orthogonal")
+    assert (t.train_seq_len, t.train_batch_tokens, t.iterations, t.warmdown_iters, t.eval_stride) == \
+        (2048, 786_432, 9000, 3500, 64)
+    assert (t.grad_clip_norm, t.grad_clip_mode) == (0.3, "per_rank")
+    assert (o.matrix_lr, o.scalar_lr, o.tied_embed_lr, o.muon_momentum, o.muon_momentum_warmup_start,
+            o.muon_momentum_warmup_steps, o.muon_wd, o.adam_wd) == (0.025, 0.025, 0.035, 0.99, 0.92, 1500, 0.04, 0.04)
+    assert cfg.ema.enabled and cfg.ema.decay == 0.997
+    e = cfg.export
+    assert (e.scheme, e.clip_rule, e.controls, e.compressor) == ("int6", "percentile", "fp16", "lzma6")
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,7 +177,7 @@ def test_requires_is_not_a_config_section(tmp_path):
 # A capability is listed only with the switch that provides it: each one resolves here.
 CAPABILITY_SWITCHES = {
     "gqa": ["model.attention=gqa"], "rope": ["model.position=rope"], "unet": ["model.layout=unet"],
-    "ema": ["ema.enabled=true"], "relu2": ["model.mlp=relu2"], "leaky_relu2": ["model.mlp=leaky_relu2"], "swiglu": ["model.mlp=swiglu"],
+    "ema": ["ema.enabled=true"], "swa": ["swa.enabled=true"], "relu2": ["model.mlp=relu2"], "leaky_relu2": ["model.mlp=leaky_relu2"], "swiglu": ["model.mlp=swiglu"],
     "gelu": ["model.mlp=gelu"], "silu": ["model.mlp=silu"], "recurrence": ["model.recurrence=2"],
     "middle_cycle": ["model.num_layers=3", "model.cycle_stem=1", "model.cycle_core=1", "model.cycle_repeats=2",
                      "model.cycle_tail=1"],
@@ -145,6 +185,9 @@ CAPABILITY_SWITCHES = {
     "mixed_bits": ["export.policy=mlp:5,attn:6"], "gptq": ["export.gptq=true"],
     "bit_allocation": ["export.allocate=true"], "qat": ["qat.enabled=true"], "sliding_eval": ["train.eval_stride=64"],
     "ttt": None,  # an evaluation mode: pgolf eval --ttt
+    "bigram": ["model.embed=bigram"], "smear": ["model.post_norm=smear"], "value_embed": ["model.stream=value_embed"],
+    "xsa": ["model.xsa_layers=-1"], "partial_rope": ["model.rope_dims=16"], "ln_scale": ["model.ln_scale=true"],
+    "orthogonal_init": ["model.init=orthogonal"],
 }
 
 

@@ -169,6 +169,9 @@ def test_spec_parsing():
                                                "mlp_mult=3,matrix_lr=0.02", "mlp_mult=3,matrix_lr=0.04"]
     assert spec.variants[0].overrides == {"model.tie_embeddings": "false"}
     assert spec.margin == 0.005 and spec.alpha == 0.01 and spec.max_experiments == 0
+    lists = parse_spec({"seeds": [1], "variants": [{"name": "v", "overrides": {
+        "model.embed": ["bigram"], "model.xsa_layers": [-2, -1], "model.post_norm": []}}]}, "s")
+    assert lists.variants[0].overrides == {"model.embed": "bigram", "model.xsa_layers": "-2,-1", "model.post_norm": ""}
     for bad, message in (({"seeds": [1], "variant": []}, "unknown keys variant"),
                          ({"seeds": [], "grid": {"a.b": [1]}}, "distinct integers"),
                          ({"seeds": [1]}, "no variants"),
@@ -211,3 +214,10 @@ def test_a_run_that_ended_just_before_the_stop_is_kept(tmp_path, one_cpu_thread,
     assert calls == ["t-01-v-s1"]
     _, js = results(tmp_path)
     assert js["experiments"][0]["runs"] == ["t-00-baseline-s1"] and js["experiments"][0]["n"] == 1
+
+
+def test_every_repository_sweep_spec_resolves_for_each_variant():
+    from pgolf.config.resolve import REPO_CONFIG_DIR
+
+    for path in sorted((REPO_CONFIG_DIR / "sweeps").glob("*.toml")):
+        Sweep(load_spec(path))  # checks every variant's config, as a sweep does before its first run

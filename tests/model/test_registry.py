@@ -52,9 +52,11 @@ def test_the_builtin_entries():
     assert set(ATTENTIONS) == {"gqa"} and set(SLOTS["position"]) == {"rope"}
     assert set(SLOTS["layout"]) == {"unet", "recurrence", "middle_cycle"}
     assert set(SLOTS["mlp"]) == {"relu2", "leaky_relu2", "gelu", "silu", "swiglu"}
+    assert (set(SLOTS["embed"]), set(SLOTS["post_norm"]), set(SLOTS["stream"])) == \
+        ({"bigram"}, {"smear"}, {"value_embed"})
     defaults = ModelConfig()
-    assert (defaults.attention, defaults.position, defaults.embed, defaults.stream, defaults.layout) == \
-        ("gqa", "rope", [], [], "auto")
+    assert (defaults.attention, defaults.position, defaults.embed, defaults.post_norm, defaults.stream,
+            defaults.layout) == ("gqa", "rope", [], [], [], "auto")
 
 
 @pytest.mark.parametrize("field, name", ENTRIES, ids=[f"{f}={n}" for f, n in ENTRIES])
@@ -88,12 +90,12 @@ def test_unknown_names_are_refused_with_the_options(field):
 
 def test_list_slots_need_a_list_of_distinct_names():
     assert model_config_problems(ModelConfig(embed="x")) == \
-        ["model.embed must be a list of names, e.g. model.embed=[] (options: none)"]
+        ["model.embed must be a list of names, e.g. model.embed=[] (options: bigram)"]
 
 
 def test_saved_configs_without_the_slot_keys_load_as_the_baseline():
     old = {k: v for k, v in Config().to_dict()["model"].items()
-           if k not in ("attention", "position", "embed", "stream", "layout")}
+           if k not in ("attention", "position", "embed", "post_norm", "stream", "layout")}
     cfg = config_from_dict({"model": old})
     assert cfg.model == ModelConfig()
     assert config_from_dict({"model": {"embed": [], "layout": "unet"}}).model.layout == "unet"
@@ -233,4 +235,4 @@ def test_addon_names_are_validated(test_entries):
     assert model_config_problems(ModelConfig(embed=["hashed_bigram", "hashed_bigram"])) == \
         ["model.embed lists 'hashed_bigram' twice"]
     assert model_config_problems(ModelConfig(stream=["nope"])) == \
-        ["model.stream: unknown stream addon 'nope' (options: probe)"]
+        ["model.stream: unknown stream addon 'nope' (options: value_embed, probe)"]

@@ -90,3 +90,20 @@ def test_no_warmdown(cap):
     c = cfg(warmdown_iters=0, max_wallclock_seconds=cap, iterations=100)
     for step, elapsed in ((0, 0.0), (50, 300_000.0), (99, 599_999.0), (100, 700_000.0)):
         assert lr_scale(step, elapsed, c) == 1.0
+
+
+def test_wallclock_schedules_end_at_the_budget_less_the_calibration_reserve():
+    """Training stops at max_wallclock_seconds less the export's calibration reserve (budget_ms,
+    the one definition the stop uses): the warmdown reaches 0 there, not at the full cap."""
+    from pgolf.train.lr import budget_ms
+
+    frac = cfg(warmdown_frac=0.2, max_wallclock_seconds=600.0)
+    assert budget_ms(frac, 100.0) == 500_000.0 and budget_ms(frac) == 600_000.0
+    assert budget_ms(cfg(max_wallclock_seconds=0), 100.0) is None
+    assert lr_scale(10, 400_000.0, frac, 100.0) == 1.0  # the warmdown is the last 20% of 500 s: 100 s
+    assert lr_scale(10, 450_000.0, frac, 100.0) == pytest.approx(0.5)
+    assert lr_scale(10, 500_000.0, frac, 100.0) == 0.0
+    iters = cfg(warmdown_iters=100, max_wallclock_seconds=600.0)
+    # 1000 steps in 474 s: 474 ms/step -> a 47.4 s warmdown; 26 s remain of 500 s.
+    assert lr_scale(1000, 474_000.0, iters, 100.0) == pytest.approx(26 / 47.4)
+    assert lr_scale(1050, 500_000.0, iters, 100.0) == 0.0

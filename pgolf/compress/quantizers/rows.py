@@ -18,14 +18,19 @@ from torch import Tensor
 
 from pgolf.compress.quantizers.base import Quantizer, QuantizedTensor, dtype_name, register_quantizer
 
-__all__ = ["MIN_BITS", "MAX_BITS", "MIN_SCALE", "DEFAULT_CLIP_GRID", "qmax_for", "fp16_scale", "round_codes",
-           "row_scales", "quantize_rows", "dequantize_rows", "quantization_error", "as_rows", "quantize_int_per_row"]
+__all__ = ["MIN_BITS", "MAX_BITS", "MIN_SCALE", "DEFAULT_CLIP_GRID", "CLIP_RULES", "PERCENTILE_CANDIDATES",
+           "qmax_for", "fp16_scale", "round_codes", "row_scales", "percentile_scales", "quantize_rows",
+           "dequantize_rows", "quantization_error", "as_rows", "quantize_int_per_row"]
 
 MIN_BITS, MAX_BITS = 2, 8
 # clip fractions of max|row| tried by the clip search: 1.0 down to 0.6, 16 points
 DEFAULT_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.4 * i / 15, 6) for i in range(16))
 # stored scales lie in fp16's positive finite range: never 0 (an all-zero row) nor inf
 MIN_SCALE, _FP16_MAX = 2.0 ** -24, 65504.0
+# How a searched clip is chosen: "row_search" (row_scales: per row over DEFAULT_CLIP_GRID) or
+# "percentile" (percentile_scales: PR #549's rule, one of these quantiles of |row| per tensor).
+CLIP_RULES = ("row_search", "percentile")
+PERCENTILE_CANDIDATES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 _SEARCH_CHUNK_ELEMS = 1 << 22  # rows are searched in chunks of about this many elements
 
 
@@ -93,6 +98,28 @@ def row_scales(w: Tensor, bits: int, clip_search: bool = True, grid: Sequence[fl
     return best_s
 
 
+def percentile_scales(w: Tensor, bits: int) -> Tensor:
+    """PR #549's clip rule ("GPTQ-lite"), for any width: per-row scales of a 2-D ``w`` as float32
+    holding fp16 values, ``fp16(max(clip_r / qmax, 1 / qmax))`` with ``clip_r`` the ``p``-quantile
+    of ``|w[r]|`` (``torch.quantile``, linear; ``p = 1``: the max) for ONE ``p`` of
+    ``PERCENTILE_CANDIDATES``: the one whose codes give the least mean squared error over the
+    whole tensor (ties keep the earlier). The ``1 / qmax`` floor (a clip of at least 1.0, as the
+    official int8's ``1 / 127``) is the record's and is part of the rule."""
+    qmax = qmax_for(bits)
+    x = w.detach().float()
+    if x.numel() == 0:
+        return row_scales(x, bits, clip_search=False)
+    a = x.abs()
+    best = best_err = None
+    for p in PERCENTILE_CANDIDATES:
+        clip = a.amax(dim=1) if p == 1.0 else torch.quantile(a, p, dim=1)
+        s = fp16_scale((clip / qmax).clamp_min(1.0 / qmax))
+        err = float(round_codes(x, s, qmax).mul_(s[:, None]).sub_(x).square_().mean())
+        if best is None or err < best_err:
+            best, best_err = s, err
+    return best
+
+
 def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, grid: Sequence[float] | None = None,
                   col_weight: Tensor | None = None, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-row intN of a 2-D tensor -> ``(codes int8 [rows, cols], scale fp16 [rows])``.
@@ -136,11 +163,16 @@ def as_rows(t: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- the registered kind
 
-def quantize_int_per_row(t: Tensor, bits: int, clip_search: bool = True,
-                         grid: Sequence[float] | None = None) -> QuantizedTensor:
+def quantize_int_per_row(t: Tensor, bits: int, clip_search: bool = True, grid: Sequence[float] | None = None,
+                         clip_rule: str = "row_search") -> QuantizedTensor:
+    """Per-row intN of ``as_rows(t)``; ``clip_rule`` (``CLIP_RULES``) is the search ``clip_search`` runs."""
     if not t.is_floating_point():
         raise ValueError(f"int_per_row needs a float tensor, got {t.dtype}")
-    q, s = quantize_rows(as_rows(t.detach()), bits, clip_search=clip_search, grid=grid)
+    if clip_rule not in CLIP_RULES:
+        raise ValueError(f"clip rule must be one of {', '.join(CLIP_RULES)}, got {clip_rule!r}")
+    x = as_rows(t.detach())
+    scale = percentile_scales(x, bits) if clip_search and clip_rule == "percentile" else None
+    q, s = quantize_rows(x, bits, clip_search=clip_search, grid=grid, scale=scale)
     return QuantizedTensor("int_per_row", q.reshape(t.shape).cpu().contiguous(), s.cpu().contiguous(),
                            dtype_name(t.dtype), bits)
 
