@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pgolf.config import Config, ConfigError, official_env_present
 from pgolf.config.resolve import DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, data_dir_overrides, resolve_config
+from pgolf.lab.check import register as register_check
 from pgolf.lab.experiments import register_compare, register_run
 from pgolf.lab.export_cli import register as register_export
 from pgolf.lab.ledger import LedgerHooks, live_runs_on_host, register as register_ledger
@@ -104,10 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="download or build datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fw = data_sub.add_parser("fineweb", help="download the official cached FineWeb export from the Hugging Face hub")
-    fw.add_argument("--variant", default="sp1024", help="sp<VOCAB> (e.g. sp1024) or byte260")
+    fw.add_argument("--variant", default="sp1024",
+                    help="sp<VOCAB> (e.g. sp1024, sp8192), byte260, or sp8192_caseops (CaseOps, with val byte sidecars)")
     fw.add_argument("--train-shards", type=int, default=80, help="number of 100M-token train shards (default 80)")
     fw.add_argument("--root", default="data", help="where datasets/ and tokenizers/ go (default ./data)")
-    fw.add_argument("--repo-id", default=None, help="dataset repo (default willdepueoai/parameter-golf)")
+    fw.add_argument("--repo", "--repo-id", dest="repo_id", default=None,
+                    help="Hugging Face dataset repo (default: the variant's: willdepueoai/parameter-golf; sp8192: "
+                         "kevclark/parameter-golf; sp8192_caseops: romeerp/parameter-golf-caseops-v1)")
     fw.add_argument("--from-dir", default=None, help="copy from a local mirror of the hub repo instead of downloading")
     fw.add_argument("--with-docs", action="store_true", help="also fetch the raw selected documents")
 
@@ -115,10 +119,32 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("input", help="a .jsonl file ({\"text\": ...} per line), a .txt file or a directory of .txt")
     tok.add_argument("--tokenizer", required=True, help="SentencePiece .model path, or byte260")
     tok.add_argument("--out", required=True, help="output directory for the shards")
-    tok.add_argument("--val-docs", type=int, required=True, help="the first N documents form the val split")
+    tok.add_argument("--val-docs", type=int, default=None,
+                     help="the first N documents form the val split (default: the count the documents' manifest "
+                          "states, 50,000 for the official docs_selected.jsonl)")
+    tok.add_argument("--force-val-docs", action="store_true",
+                     help="build with a --val-docs that differs from the expected count (official validation "
+                          "documents then leak into training, or training documents are scored)")
+    tok.add_argument("--caseops", action="store_true",
+                     help="tokenize the CaseOps form of each document and write val byte sidecars (the tokenizer "
+                          "must carry the operators: pgolf data train-tokenizer --caseops)")
+    tok.add_argument("--byte-sidecar", action="store_true",
+                     help="write val byte sidecars (fineweb_val_bytes_*.bin) without CaseOps")
     tok.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 1e8)")
     tok.add_argument("--prefix", default="fineweb", help="shard file prefix (default fineweb)")
     tok.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+
+    tt = data_sub.add_parser("train-tokenizer", help="train a SentencePiece BPE tokenizer on documents")
+    tt.add_argument("input", help="a .jsonl file ({\"text\": ...} per line), a .txt file or a directory of .txt")
+    tt.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, e.g. 8192")
+    tt.add_argument("--out", required=True, help="the .model path to write (a .vocab goes beside it)")
+    tt.add_argument("--caseops", action="store_true",
+                    help="train on the CaseOps form, with the four operators as user-defined pieces")
+    tt.add_argument("--skip-docs", type=int, default=0,
+                    help="leave out the first N documents (e.g. 50000: the validation split)")
+    tt.add_argument("--max-docs", type=int, default=None, help="train on at most N documents")
+    tt.add_argument("--normalization", default="identity",
+                    help="SentencePiece normalization rule (default identity: lossless; the official one is nmt_nfkc)")
 
     for name, handler in (("eval", cmd_eval), ("audit", cmd_audit), ("config", cmd_config), ("data", cmd_data)):
         sub.choices[name].set_defaults(handler=handler)
@@ -130,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Each entry: a function (subparsers) -> None that adds one command and sets `handler`.
 EXTRA_COMMANDS: list = [register_submit, register_ledger, register_run, register_compare, register_sweep,
-                        register_plot, register_plan, register_export]
+                        register_plot, register_plan, register_export, register_check]
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Config, list[str], str]:
@@ -278,12 +304,18 @@ def cmd_data(args: argparse.Namespace) -> int:
                                   with_docs=args.with_docs, source_dir=args.from_dir, **kwargs)
         print(json.dumps(report, indent=2, default=str))
         return EXIT_OK
-    from pgolf.data.build import iter_documents, tokenize_to_shards
+    from pgolf.data.build import tokenize_to_shards, train_tokenizer
     from pgolf.data.tokenizer import load_tokenizer
 
+    if args.data_command == "train-tokenizer":
+        path = train_tokenizer(args.input, args.out, args.vocab_size, caseops=args.caseops, skip_docs=args.skip_docs,
+                               max_docs=args.max_docs, normalization=args.normalization)
+        print(json.dumps({"model": str(path), "vocab_size": load_tokenizer(path).vocab_size, "caseops": args.caseops}))
+        return EXIT_OK
     tokenizer = load_tokenizer(args.tokenizer)
-    stats = tokenize_to_shards(iter_documents(args.input), tokenizer, args.out, num_val_docs=args.val_docs,
-                               shard_tokens=args.shard_tokens, prefix=args.prefix, overwrite=args.overwrite)
+    stats = tokenize_to_shards(args.input, tokenizer, args.out, num_val_docs=args.val_docs,
+                               shard_tokens=args.shard_tokens, prefix=args.prefix, overwrite=args.overwrite,
+                               caseops=args.caseops, byte_sidecar=args.byte_sidecar, force_val_docs=args.force_val_docs)
     print(json.dumps(stats, indent=2, default=str))
     return EXIT_OK
 

@@ -38,7 +38,9 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 MODEL_ENTRIES = [(field, name) for field, slot in SLOTS.items() for name in slot]
 # What switches each callback on (and early enough to act in a few steps).
 CALLBACK_ON = {"qat": {"qat": {"enabled": True, "start_frac": 0.0}}, "ema": {"ema": {"enabled": True, "decay": 0.5}},
-               "swa": {"swa": {"enabled": True, "every": 1, "start_scale": 2.0}}}
+               "swa": {"swa": {"enabled": True, "every": 1, "start_scale": 2.0}},
+               "loop": {"model": {"layout": "loop", "loop_start": 1, "loop_end": 1, "loop_passes": 2,
+                                  "loop_start_frac": 0.5}}}
 
 
 def model_mapping(field: str, name: str) -> dict:

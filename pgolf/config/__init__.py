@@ -295,11 +295,17 @@ def validate(config: Config) -> None:
     if t.compile not in ("auto", "on", "off"):
         problems.append("train.compile must be auto, on or off")
     switches = (("train.fused_loss", t.fused_loss), ("optim.batched_ns", config.optim.batched_ns),
-                ("optim.parallel_muon", config.optim.parallel_muon), ("data.prefetch", config.data.prefetch))
+                ("optim.parallel_muon", config.optim.parallel_muon), ("data.prefetch", config.data.prefetch),
+                ("data.byte_sidecar", config.data.byte_sidecar))
     problems += [f"{key} must be auto, on or off, got '{value}'" for key, value in switches
                  if value not in ("auto", "on", "off")]
+    if config.data.caseops and config.data.byte_sidecar == "off":
+        problems.append("data.caseops=true scores the original text's bytes from the byte sidecar: "
+                        "data.byte_sidecar must be auto or on")
     if t.sdpa_backend not in ("auto", "flash", "cudnn", "efficient", "math"):
         problems.append(f"train.sdpa_backend must be auto, flash, cudnn, efficient or math, got '{t.sdpa_backend}'")
+    if config.optim.muon_ns not in ("classic", "polar_express"):
+        problems.append(f"optim.muon_ns must be classic or polar_express, got '{config.optim.muon_ns}'")
     if t.grad_clip_mode not in ("synced", "per_rank"):
         problems.append(f"train.grad_clip_mode must be synced or per_rank, got '{t.grad_clip_mode}'")
     if config.optim.parallel_muon_bf16 and config.optim.parallel_muon == "off":

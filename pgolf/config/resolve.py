@@ -51,10 +51,13 @@ CAPABILITIES = frozenset({
     "xsa", "partial_rope", "ln_scale", "orthogonal_init",  # model.xsa_layers, rope_*, ln_scale, init
     "relu2", "leaky_relu2", "swiglu", "gelu", "silu",  # model.mlp
     "unet", "recurrence", "middle_cycle",  # model.layout (or model.recurrence, model.cycle_*)
-    "muon_wd",  # optim.muon_wd
+    "loop", "skip_gates", "parallel_residual", "attn_gate", "smear_bos",  # model.layout=loop (+ its late
+    # start, a training callback), model.skip_gates, model.parallel_from, model.attn_gate_dims, model.embed
+    "muon_wd", "polar_express", "muon_row_norm", "min_lr",  # optim.muon_wd, muon_ns, muon_row_norm, train.min_lr
     "fp16_embedding", "mixed_bits", "gptq", "bit_allocation",  # export.*
     "qat", "ema", "swa",  # training callbacks: qat.*, ema.*, swa.*
     "sliding_eval", "ttt",  # train.eval_stride, pgolf eval --stride / --ttt
+    "caseops", "byte_sidecar",  # data.caseops, data.byte_sidecar
 })
 
 

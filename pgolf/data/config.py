@@ -20,3 +20,9 @@ class DataConfig:
     # A background thread cuts the next batch into a reused pinned buffer while the GPU
     # computes: auto (on for CUDA) | on | off. Same batches, same order either way.
     prefetch: str = "auto"
+    # Where val_bpb's bytes come from: auto (the byte sidecars beside the val shards when they
+    # have them, else the tokenizer's byte tables) | on (sidecars required) | off (byte tables).
+    byte_sidecar: str = "auto"
+    # The shards hold CaseOps text (`pgolf data tokenize --caseops`, the 1.06108 record's data):
+    # the tokenizer must carry the operators and the val bytes must come from the sidecars.
+    caseops: bool = False

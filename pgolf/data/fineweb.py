@@ -12,7 +12,14 @@ shard, the first N training shards and the tokenizer files, laid out locally as:
 
 Files already present are skipped, so re-running with a larger N only fetches the
 new shards. Every file lands via a temporary name + ``os.replace``, so an interrupted
-download never leaves a partial file under its final name.
+download never leaves a partial file under its final name. The manifest is fetched again when
+it came from another repository (``manifest.json.source`` says which), so switching repos never
+reads the previous repo's manifest.
+
+The exports live in different dataset repos: sp1024 (and the other official variants) in
+willdepueoai/parameter-golf, sp8192 in kevclark/parameter-golf, the CaseOps sp8192 export
+(``sp8192_caseops``, with a byte sidecar beside each validation shard) in
+romeerp/parameter-golf-caseops-v1; ``repo_id`` names another.
 """
 
 from __future__ import annotations
@@ -29,16 +36,27 @@ from pgolf.runtime.files import atomic_write
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_PREFIX = "datasets"
 DOCS_FILES = ("docs_selected.jsonl", "docs_selected.source_manifest.json")
+CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"
+VARIANT_ALIASES = {"sp8192_caseops": CASEOPS_VARIANT}
+VARIANT_REPOS = {"sp8192": "kevclark/parameter-golf", CASEOPS_VARIANT: "romeerp/parameter-golf-caseops-v1"}
 
 
 def dataset_name_for_variant(variant: str) -> str:
-    """``sp1024`` -> ``fineweb10B_sp1024``; ``byte260`` -> ``fineweb10B_byte260``."""
-    if variant == "byte260" or (variant.startswith("sp") and variant[2:].isdigit()):
+    """``sp1024`` -> ``fineweb10B_sp1024``; ``byte260`` -> ``fineweb10B_byte260``; ``sp<N>_<name>``
+    -> ``fineweb10B_sp<N>_<name>``; ``sp8192_caseops`` -> the CaseOps export's dataset."""
+    variant = VARIANT_ALIASES.get(variant, variant)
+    vocab, _, name = variant.partition("_")
+    if variant == "byte260" or (vocab.startswith("sp") and vocab[2:].isdigit() and (name or not _)):
         return f"fineweb10B_{variant}"
     raise ValueError(
-        f"unknown FineWeb variant {variant!r}; expected 'byte260' or 'sp<VOCAB_SIZE>' "
-        f"(for example sp1024, sp4096)"
+        f"unknown FineWeb variant {variant!r}; expected 'byte260', 'sp<VOCAB_SIZE>' (for example sp1024, "
+        f"sp8192), 'sp<VOCAB_SIZE>_<name>' or one of {', '.join(VARIANT_ALIASES)}"
     )
+
+
+def default_repo(variant: str) -> str:
+    """The Hugging Face dataset repo that publishes a variant's export."""
+    return VARIANT_REPOS.get(VARIANT_ALIASES.get(variant, variant), DEFAULT_REPO_ID)
 
 
 def _local_path(remote: str, root: Path, remote_prefix: str) -> Path:
@@ -113,14 +131,15 @@ def download_fineweb(
     variant: str = "sp1024",
     train_shards: int = 80,
     root: str | os.PathLike = "data",
-    repo_id: str = DEFAULT_REPO_ID,
+    repo_id: str | None = None,
     remote_prefix: str = DEFAULT_REMOTE_PREFIX,
     with_docs: bool = False,
     source_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Fetch the ``variant`` export: manifest, all val shards, ``train_shards`` train shards,
-    tokenizer artifacts (and the raw docs when ``with_docs``).
+    """Fetch the ``variant`` export: manifest, all val shards (and their byte sidecars for a
+    CaseOps export), ``train_shards`` train shards, tokenizer artifacts (and the raw docs when
+    ``with_docs``), from ``repo_id`` (default: the variant's repo, default_repo).
 
     With ``source_dir`` files are copied from a local folder laid out like the hub repo
     (offline mirror); otherwise they come from ``huggingface_hub.hf_hub_download``.
@@ -128,6 +147,7 @@ def download_fineweb(
     ``val_files``, ``tokenizer_files``, ``train_pattern``, ``val_pattern``, ``manifest``.
     """
     dataset_name = dataset_name_for_variant(variant)
+    repo_id = repo_id or default_repo(variant)
     if train_shards < 0:
         raise ValueError(f"train_shards must be >= 0, got {train_shards}")
     root = Path(root)
@@ -136,9 +156,9 @@ def download_fineweb(
     report: dict = {"fetched": [], "skipped": []}
     say = progress or (lambda _msg: None)
 
-    def get(remote: str) -> Path:
+    def get(remote: str, again: bool = False) -> Path:
         dest = _local_path(remote, root, remote_prefix)
-        if _is_complete(dest):
+        if _is_complete(dest) and not again:
             report["skipped"].append(str(dest))
             say(f"skip  {dest} (already present)")
         else:
@@ -148,7 +168,10 @@ def download_fineweb(
         return dest
 
     pre = f"{remote_prefix}/" if remote_prefix else ""
-    manifest_path = get(f"{pre}manifest.json")
+    origin = root / "manifest.json.source"  # which repo (or mirror) the local manifest came from
+    stale = not (origin.is_file() and origin.read_text(encoding="utf-8") == where)
+    manifest_path = get(f"{pre}manifest.json", again=stale)
+    atomic_write(origin, where.encode("utf-8"))
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -178,12 +201,18 @@ def download_fineweb(
         report["docs_files"] = [str(get(f"{pre}{name}")) for name in DOCS_FILES]
     shard_prefix = f"{pre}datasets/{dataset_name}"
     report["val_files"] = [str(get(f"{shard_prefix}/fineweb_val_{i:06d}.bin")) for i in range(n_val)]
+    transform = str(tok.get("text_transform") or "identity")
+    if "caseops" in dataset_name or transform != "identity":  # scored from per-token original bytes
+        report["byte_sidecar_files"] = [str(get(f"{shard_prefix}/fineweb_val_bytes_{i:06d}.bin"))
+                                        for i in range(n_val)]
     report["train_files"] = [str(get(f"{shard_prefix}/fineweb_train_{i:06d}.bin")) for i in range(train_shards)]
     report["tokenizer_files"] = [str(get(f"{pre}{a}")) for a in artifacts]
 
     dataset_dir = _local_path(shard_prefix, root, remote_prefix)
     report.update(
         variant=variant,
+        source=where,
+        caseops="byte_sidecar_files" in report,
         manifest=str(manifest_path),
         dataset_dir=str(dataset_dir),
         train_pattern=str(dataset_dir / "fineweb_train_*.bin"),

@@ -5,6 +5,13 @@ interchangeable): a header of 256 little-endian int32 values
 ``[SHARD_MAGIC, SHARD_VERSION, num_tokens, 0, ...]`` followed by ``num_tokens``
 little-endian uint16 token ids. Each document is stored as ``[bos_id] + encode(text)``
 with no EOS, and shards are cut purely by token count, so a document may span two files.
+
+Byte sidecar: beside a validation shard ``X_val_NNNNNN.bin``, ``X_val_bytes_NNNNNN.bin`` holds
+per token the UTF-8 bytes of the original text it stands for (0 for BOS and CaseOps operators),
+framed like a token shard (the CaseOps exports ship this format). pgolf's own sidecars also record
+in header ints 3..6 SIDECAR_TAG, the crc32 of the shard's token bytes and the counts' sum (low,
+high 32 bits), so a sidecar that belongs to other tokens is refused. val_bpb counts its bytes
+from the sidecar when there is one (DataConfig.byte_sidecar), else from the tokenizer's tables.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import glob
 import os
 import queue
+import re
 import threading
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,9 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MAX_TOKEN_ID = 65535  # uint16 storage
+SIDECAR_TAG = 0x42595445  # header int 3 of a pgolf byte sidecar ("ETYB")
+_SIDECAR_NAME = re.compile(r"_val_bytes_\d+\.bin$")
+CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")  # pgolf.data.caseops (not shipped)
 
 _FIX = "re-download it with `pgolf data fineweb` or regenerate it with `pgolf data tokenize`"
 
@@ -113,7 +125,8 @@ def write_shard(path: str | os.PathLike, tokens: Any, *, overwrite: bool = False
 
 def resolve_shards(pattern: str | os.PathLike) -> list[Path]:
     """Sorted list of files matching a glob; sorting fixes the stream order across runs."""
-    files = [Path(p) for p in sorted(glob.glob(str(pattern)))]
+    # A byte sidecar (X_val_bytes_N.bin) matches X_val_*.bin too; it holds byte counts, not tokens.
+    files = [Path(p) for p in sorted(glob.glob(str(pattern))) if not _SIDECAR_NAME.search(p)]
     if not files:
         raise FileNotFoundError(
             f"no shards match {str(pattern)!r}; download with `pgolf data fineweb` "
@@ -410,3 +423,78 @@ def load_validation_tokens(
         )
     out = torch.from_numpy(tokens[: usable + 1].copy())
     return out if dtype == torch.uint16 else out.to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Validation bytes: byte sidecar or the tokenizer's tables
+# ---------------------------------------------------------------------------
+
+def sidecar_path(shard: str | os.PathLike) -> Path:
+    """X_val_000000.bin -> X_val_bytes_000000.bin, beside it."""
+    shard = Path(shard)
+    return shard.with_name(shard.name.replace("_val_", "_val_bytes_", 1))
+
+
+def _check_sidecar(path: Path, counts: np.ndarray, shard: Path, tokens: np.ndarray) -> None:
+    fix = ("rebuild the shards and sidecars together (`pgolf data tokenize ... --caseops` or --byte-sidecar) "
+           "or download the export again")
+    if counts.size != tokens.size:
+        raise ShardError(f"byte sidecar {path} has {counts.size} counts but its shard {shard} has {tokens.size} "
+                         f"tokens; {fix}")
+    header = np.fromfile(path, dtype="<u4", count=HEADER_INTS)
+    if int(header[3]) != SIDECAR_TAG:  # the CaseOps exports' sidecars: length only
+        return
+    if int(header[4]) != zlib.crc32(np.ascontiguousarray(tokens, dtype="<u2")):
+        raise ShardError(f"byte sidecar {path} was made for other tokens than its shard {shard} holds "
+                         f"(crc32 differs); {fix}")
+    total = int(header[5]) | int(header[6]) << 32
+    if int(counts.sum(dtype=np.int64)) != total:
+        raise ShardError(f"byte sidecar {path}: its counts sum to {int(counts.sum(dtype=np.int64))} but its header "
+                         f"records {total} (damaged); {fix}")
+
+
+def load_byte_sidecar(files: str | os.PathLike | Sequence[str | os.PathLike], num_tokens: int) -> torch.Tensor | None:
+    """Per-token byte counts of the validation stream (int32, its first num_tokens), or None when no
+    validation shard has a sidecar. Each sidecar is checked against its own shard."""
+    files = _as_files(files)
+    if not any(sidecar_path(f).is_file() for f in files):
+        return None
+    parts, have = [], 0
+    for f in files:
+        if have >= num_tokens:
+            break
+        path = sidecar_path(f)
+        if not path.is_file():
+            raise ShardError(f"{f} has no byte sidecar {path} while other validation shards have one; "
+                             f"rebuild or re-download the split")
+        counts = read_shard(path)
+        _check_sidecar(path, counts, f, read_shard(f))
+        parts.append(counts)
+        have += counts.size
+    counts = np.concatenate(parts)
+    if counts.size < num_tokens:
+        raise ShardError(f"byte sidecars beside {files[0]} hold {counts.size} counts for {num_tokens} tokens")
+    return torch.from_numpy(counts[:num_tokens].astype(np.int32))
+
+
+def validation_bytes(cfg, tokenizer, num_tokens: int, device: torch.device | str | None = None):
+    """How val_bpb counts the bytes of the first num_tokens validation tokens: a byte sidecar
+    (1-D int32 tensor, one count per token position, on the CPU) or the tokenizer's byte tables
+    (ByteLUTs.to_torch). cfg.data.byte_sidecar: auto | on | off; cfg.data.caseops requires it."""
+    mode, caseops = cfg.data.byte_sidecar, cfg.data.caseops
+    sp = getattr(tokenizer, "sp", None)
+    has_ops = sp is not None and all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
+    if caseops and not has_ops:
+        raise ShardError(f"data.caseops=true but tokenizer {cfg.data.tokenizer_path} has no CaseOps operator "
+                         f"pieces (U+E001..U+E004); use the tokenizer the CaseOps shards were made with")
+    counts = None if mode == "off" else load_byte_sidecar(cfg.val_files(), num_tokens)
+    if counts is not None:
+        return counts
+    if mode == "on" or caseops or has_ops:
+        why = ("data.byte_sidecar=on" if mode == "on" else "CaseOps text (its operators stand for no bytes of "
+               "the original text, which the tokenizer's byte tables would count)")
+        raise ShardError(f"{why} needs validation byte sidecars, e.g. {sidecar_path(_as_files(cfg.val_files())[0])}; "
+                         f"none found{' (data.byte_sidecar=off)' if mode == 'off' else ''}: build them with `pgolf "
+                         f"data tokenize ... --caseops` or download the CaseOps export (`pgolf data fineweb "
+                         f"--variant sp8192_caseops`)")
+    return tokenizer.byte_luts(cfg.model.vocab_size).to_torch(device)

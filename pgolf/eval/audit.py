@@ -156,7 +156,7 @@ def rescore_file(path: str | Path, artifact: str | Path | None = None, data_dir:
 
     import torch
 
-    from pgolf.data.shards import load_validation_tokens
+    from pgolf.data.shards import load_validation_tokens, validation_bytes
     from pgolf.data.tokenizer import check_vocab, load_tokenizer
     from pgolf.eval.receipt import state_fingerprint
     from pgolf.eval.run import load_target, use_data_dir
@@ -230,7 +230,7 @@ def rescore_file(path: str | Path, artifact: str | Path | None = None, data_dir:
         raise AuditFailure(f"the validation split {cfg.val_files()} has {val_tokens.numel() - 1:,} targets but the "
                            f"receipt scored {total:,}: pass --data DIR with the split it was scored on")
     tokens = val_tokens[: total + 1]
-    luts = tokenizer.byte_luts(cfg.model.vocab_size).to_torch(dev)
+    luts = validation_bytes(cfg, tokenizer, tokens.numel(), dev)
     model = build_model(cfg.model, dev)
     model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=True)
     scorer = model

@@ -16,7 +16,7 @@ import torch
 from pgolf.compress.container import read_artifact
 from pgolf.config import Config, ConfigError, config_from_dict
 from pgolf.config.ranges import COUNT, MOMENTUM, Range, at_least, positive, range_problems
-from pgolf.data.shards import check_token_range, load_validation_tokens
+from pgolf.data.shards import check_token_range, load_validation_tokens, validation_bytes
 from pgolf.runtime.distributed import DistInfo, setup_distributed, teardown_distributed
 from pgolf.eval.windows import score_windows, to_result, window_plan
 from pgolf.model.gpt import build_model
@@ -154,7 +154,7 @@ def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOpt
     if opts.max_tokens and opts.max_tokens < full_targets:
         val_tokens = val_tokens[: max(opts.max_tokens // seq_len, 1) * seq_len + 1]
     targets = val_tokens.numel() - 1
-    luts = tokenizer.byte_luts(cfg.model.vocab_size).to_torch(info.device)
+    luts = validation_bytes(cfg, tokenizer, val_tokens.numel(), info.device)
     model = build_model(cfg.model, info.device)
     model.load_state_dict({k: v.to(info.device) for k, v in state.items()}, strict=True)
     # The compiled module shares the parameters: TTT updates and fingerprints see the same weights.

@@ -98,7 +98,10 @@ class ScoreSums:
 
 def score_windows(model: nn.Module, tokens: Tensor, windows: list[Window], luts, device: torch.device,
                   batch_windows: int, rank: int = 0, world_size: int = 1) -> ScoreSums:
-    """Score the given windows (ranks take contiguous shares) and all-reduce the sums."""
+    """Score the given windows (ranks take contiguous shares) and all-reduce the sums.
+
+    luts: the tokenizer's byte tables (ByteLUTs.to_torch), or a byte sidecar aligned with tokens
+    (pgolf.data.shards.validation_bytes)."""
     share = windows[len(windows) * rank // world_size: len(windows) * (rank + 1) // world_size]
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
@@ -121,7 +124,11 @@ def score_windows(model: nn.Module, tokens: Tensor, windows: list[Window], luts,
                 mask = torch.arange(length, device=device)[None, :] >= first[:, None]
                 sums[0] += losses.double()[mask].sum()
                 sums[1] += mask.sum()
-                sums[2] += token_bytes(x[mask], y[mask], luts).sum(dtype=torch.float64)
+                if isinstance(luts, Tensor):  # a byte sidecar: the bytes of each target position
+                    nbytes = luts[idx[:, 1:]].to(device=device, non_blocking=True)[mask]
+                else:
+                    nbytes = token_bytes(x[mask], y[mask], luts)
+                sums[2] += nbytes.sum(dtype=torch.float64)
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     model.train(was_training)
@@ -137,7 +144,7 @@ def to_result(sums: ScoreSums) -> EvalResult:
 def evaluate_bpb(
     model: nn.Module,
     val_tokens: Tensor,
-    luts: tuple[Tensor, Tensor, Tensor],
+    luts: tuple[Tensor, Tensor, Tensor] | Tensor,
     seq_len: int,
     batch_tokens: int,
     device: torch.device,

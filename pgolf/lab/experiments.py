@@ -21,7 +21,7 @@ from pgolf.lab.ledger import (SCORED_STATUSES, LedgerHooks, Ledger, ensure_run, 
                               live_runs_on_host)
 from pgolf.rules import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OVER_CAP
 from pgolf.runs import RunDir, group_run_dirs
-from pgolf.lab.stats import ALPHA, MARGIN_NATS, summarize, verdict
+from pgolf.lab.stats import ALPHA, MARGIN_NATS, PROGRESSION_ALPHA, PROGRESSION_MARGIN_NATS, summarize, verdict
 
 
 # name -> (what it is, ledger column in nats per token, ledger column in bits per byte)
@@ -224,6 +224,7 @@ def compare_rows(rows_a: list[dict], rows_b: list[dict], margin: float = MARGIN_
         loss_a, bpb_a = zip(*pairs_a)
         loss_b, bpb_b = zip(*pairs_b)
         v = verdict(loss_a, loss_b, margin, alpha)
+        progression = verdict(loss_a, loss_b, PROGRESSION_MARGIN_NATS, PROGRESSION_ALPHA)
         sa, sb = summarize(bpb_a), summarize(bpb_b)
         metrics.append({
             "metric": name, "what": what, "n_a": sa.n, "n_b": sb.n,
@@ -231,6 +232,8 @@ def compare_rows(rows_a: list[dict], rows_b: list[dict], margin: float = MARGIN_
             "nats_a": vars(summarize(loss_a)), "nats_b": vars(summarize(loss_b)),
             "delta_bpb": sb.mean - sa.mean, "delta_nats": -v.improvement,
             "t": v.welch.t, "df": v.welch.df, "p": v.welch.p, "better": v.better, "verdict": v.reason,
+            "progression": {"t": progression.welch.t, "p": progression.welch.p, "better": progression.better,
+                            "verdict": progression.reason},
         })
     bytes_a = [r["total_bytes"] for r in a if r.get("total_bytes") is not None]
     bytes_b = [r["total_bytes"] for r in b if r.get("total_bytes") is not None]
@@ -251,7 +254,8 @@ def compare_rows(rows_a: list[dict], rows_b: list[dict], margin: float = MARGIN_
     if len(tokenizers) > 1:
         notes.append(f"different tokenizers ({', '.join(sorted(map(str, tokenizers)))}): nats per token do not "
                      "compare across tokenizers; the bpb columns do")
-    return {"margin_nats": margin, "alpha": alpha, "metrics": metrics, "size": size, "notes": notes,
+    return {"margin_nats": margin, "alpha": alpha, "progression_margin_nats": PROGRESSION_MARGIN_NATS,
+            "progression_alpha": PROGRESSION_ALPHA, "metrics": metrics, "size": size, "notes": notes,
             "runs_a": [r["run_id"] for r in a], "runs_b": [r["run_id"] for r in b]}
 
 
@@ -275,12 +279,20 @@ def comparison_text(result: dict, label_a: str, label_b: str, headline: str) -> 
     out += [f"note: {n}" for n in result["notes"]]
     head = next((m for m in result["metrics"] if m["metric"] == headline), None)
     rule = (f"rule: B must beat A by more than {result['margin_nats']:g} nats (val_loss) at p < {result['alpha']:g}, "
-            "one-sided Welch t-test")
+            "one-sided Welch t-test (the challenge README)")
+    progression = (f"progression rule: B must beat A at p < {result['progression_alpha']:g}, one-sided Welch t-test, "
+                   "no margin (the maintainers' leaderboard rule at the end of the challenge, PR #1902)")
     out += ["", rule]
     if head is None:
         out.append(f"verdict ({headline}): no runs with this metric in both groups")
     else:
         out.append(f"verdict ({headline}): {'YES' if head['better'] else 'NO'}, {head['verdict']}")
+    out.append(progression)
+    if head is None:
+        out.append(f"progression verdict ({headline}): no runs with this metric in both groups")
+    else:
+        p = head["progression"]
+        out.append(f"progression verdict ({headline}): {'YES' if p['better'] else 'NO'}, {p['verdict']}")
     return "\n".join(out)
 
 

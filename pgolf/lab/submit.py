@@ -33,6 +33,8 @@ from pgolf.train.bundle import BUNDLE_NAME, bundle_config, bundle_modules, build
 from pgolf.config import Config, ConfigError, config_from_dict
 from pgolf.rules import EXIT_FAILED, EXIT_OK, SIZE_CAP_BYTES, TRACK_TIME_LIMIT_S
 from pgolf.runs import RunDir, RunError, find_run_dir, group_run_dirs, read_json
+from pgolf.lab.check import SKIP, CheckOptions, check_run, failed
+from pgolf.lab.evaluations import counted_evaluations
 from pgolf.lab.stats import summarize
 
 DEFAULT_TRACK = "track_10min_16mb"
@@ -57,19 +59,19 @@ class RunRecord:
     seed: int
     artifact_bytes: int | None
     receipts: dict[str, dict] = field(default_factory=dict)  # file name -> receipt JSON
+    checks: list = field(default_factory=list)  # its `pgolf check` rows (pgolf.lab.check.Row), once run
 
     @property
     def name(self) -> str:
         return self.run_dir.name
 
     def extra_evals(self) -> dict[str, dict]:
-        """The latest sliding / TTT receipt of each kind (receipt names sort by time)."""
-        latest = {}
-        for file_name, data in sorted(self.receipts.items()):
-            if file_name != ROUNDTRIP_RECEIPT and data.get("kind") in EXTRA_EVAL_KINDS:
-                latest[data["kind"]] = {"receipt": file_name, **data["totals"], "settings": data.get("settings", {}),
-                                        "targets": data.get("total_targets")}
-        return latest
+        """The sliding / TTT evaluation that counts, of each kind (pgolf.lab.evaluations: the latest
+        receipt of the run's split); "others" names the evaluations of the split that do not count."""
+        counted = counted_evaluations(self.receipts, self.summary.get("val_tokens_scored"))
+        return {kind: {"receipt": c.name, **c.data["totals"], "settings": c.data.get("settings", {}),
+                       "targets": c.data.get("total_targets"), "others": c.others}
+                for kind, c in counted.items() if kind in EXTRA_EVAL_KINDS}
 
     def hardware(self) -> str:
         info = self.receipts.get(ROUNDTRIP_RECEIPT, {}).get("info", {})
@@ -184,6 +186,11 @@ def run_problems(r: RunRecord, bundle: bytes, rescore: bool = True) -> list[str]
         except AuditFailure as exc:
             problems.append(f"run {r.name}: receipts/{ROUNDTRIP_RECEIPT} fails the rescore (`pgolf audit --rescore`): "
                             f"{exc}")
+    # `pgolf check` on the seed: legality, bytes, provenance, phases (after the checks above, which
+    # name the simpler problems first).
+    if not problems:
+        r.checks = check_run(r.run_dir, CheckOptions(bundle=bundle))
+        problems += [f"run {r.name}: `pgolf check` {row.check}: FAIL: {row.detail}" for row in failed(r.checks)]
     return problems
 
 
@@ -352,8 +359,11 @@ def render_readme(sub: dict, records: list[RunRecord], recipe: dict, rescored: b
     for r in records:
         for kind, ev in r.extra_evals().items():
             settings = ", ".join(f"{k} {v}" for k, v in ev["settings"].items())
+            others = (f"; the latest of {len(ev['others']) + 1} evaluations of the split, the only one counted "
+                      f"(not counted: {', '.join(f'`receipts/seed{r.seed}_{o}`' for o in ev['others'])})"
+                      if ev["others"] else "")
             lines.append(f"\n{kind} val_bpb of seed {r.seed}: {settings}, {ev['targets']:,} targets "
-                         f"(`receipts/seed{r.seed}_{ev['receipt']}`)")
+                         f"(`receipts/seed{r.seed}_{ev['receipt']}`){others}")
     lines += ["", "## Checks", ""]
     if not rescored:
         lines += ["**WARNING: the claimed scores were NOT recomputed** (`pgolf submit --no-rescore`): the receipts "
@@ -375,6 +385,7 @@ def render_readme(sub: dict, records: list[RunRecord], recipe: dict, rescored: b
               "receipts and are shown, not claimed.",
               "- Every evaluation receipt under `receipts/` passed `pgolf audit` (each target scored once, by a "
               "model that had not trained on it; sums and val_bpb recomputed).",
+              _check_line(records),
               f"- Code bytes are the length of `{BUNDLE_NAME}`; each run counted the same number, checksum included, "
               "when it exported its artifact.",
               "", "## Files", "",
@@ -383,6 +394,15 @@ def render_readme(sub: dict, records: list[RunRecord], recipe: dict, rescored: b
               "- `receipts/`: the evaluation receipts of each seed (`pgolf audit receipts/<file>`)",
               "- `submission.json`: the metadata above, per seed", ""]
     return "\n".join(lines)
+
+
+def _check_line(records: list[RunRecord]) -> str:
+    skipped = [f"seed {r.seed} {row.check} ({row.detail})" for r in records for row in r.checks if row.status == SKIP]
+    if skipped:
+        return "- `pgolf check` (README \"Legality checks\") failed no row of any seed; skipped: " + "; ".join(skipped)
+    return ("- Every seed passed every `pgolf check` row (README \"Legality checks\"): causal and normalized scores "
+            "probed on its artifact, one counted evaluation per number, byte counts recounted from the decoded text, "
+            "no validation document in the training shards, training data read only inside the budget.")
 
 
 def _cell(value: float | None) -> str:

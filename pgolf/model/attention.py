@@ -1,5 +1,6 @@
 """Attention ("gqa", the official) and its position encoding ("rope"), with #549's switches:
-exclusive self-attention (model.xsa_layers) and partial, fp32 or length-rescaled RoPE."""
+exclusive self-attention (model.xsa_layers) and partial, fp32 or length-rescaled RoPE; and
+#1855's per-head output gate (model.attn_gate_dims)."""
 
 from __future__ import annotations
 
@@ -85,7 +86,9 @@ class CausalSelfAttention(nn.Module):
     (so the learned per-head gain q_gain alone sets the logit scale), the `model.position`
     encoding, and a zero-initialised output projection. In the layers model.ve_layers it adds
     the value embedding (extras, pgolf.model.embed) times its own scalar to the values; in
-    model.xsa_layers it removes each output's self-value component (exclude_self_value)."""
+    model.xsa_layers it removes each output's self-value component (exclude_self_value). With
+    model.attn_gate_dims = k > 0, head h's output is then scaled by sigmoid(attn_gate_scale *
+    gate[h] . x[:k]), from its own token's input x; the gate starts at 0 (a factor 1/2)."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -105,6 +108,11 @@ class CausalSelfAttention(nn.Module):
         if layer in value_embed_layers(cfg):
             self.ve_scale = nn.Parameter(torch.tensor(1.0, dtype=torch.float32))
             tag(self, Role.GATE, "ve_scale")
+        self.gate = None
+        if cfg.attn_gate_dims:
+            self.gate_scale = cfg.attn_gate_scale
+            self.gate = nn.Parameter(torch.zeros(cfg.num_heads, cfg.attn_gate_dims, dtype=torch.float32))
+            tag(self, Role.GATE, "gate")
 
     def forward(self, x: Tensor, extras: dict[str, Tensor] | None = None) -> Tensor:
         batch, seq_len, dim = x.shape
@@ -121,12 +129,18 @@ class CausalSelfAttention(nn.Module):
         )
         if self.xsa:
             y = exclude_self_value(y, v)
+        if self.gate is not None:
+            g = F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype))  # (B, T, heads)
+            y = y * torch.sigmoid(self.gate_scale * g).transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim))
 
 
 def attention_problems(cfg: ModelConfig) -> list[str]:
     """What is wrong with the attention and RoPE keys of cfg."""
     problems = layer_list_problems(cfg, "xsa_layers")
+    if cfg.attn_gate_dims > cfg.model_dim:
+        problems.append(f"model.attn_gate_dims must be at most model.model_dim={cfg.model_dim} (0: off), "
+                        f"got {cfg.attn_gate_dims}")
     head_dim = cfg.model_dim // cfg.num_heads
     if cfg.rope_dims % 2 or cfg.rope_dims > head_dim:
         problems.append(f"model.rope_dims must be even and at most the head size model_dim / num_heads = {head_dim} "

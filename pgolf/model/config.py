@@ -36,8 +36,21 @@ class ModelConfig:
     rope_ref_len: int = 0  # > 0: longer sequences scale the base by (len / ref)^(d / (d - 2)); 0: off
     ln_scale: bool = False  # block i scales its attention and MLP inputs by 1 / sqrt(i + 1)
     init: str = "default"  # default (official) | orthogonal (#549: orthogonal non-zero linears)
-    # Block layout: unet | recurrence | middle_cycle; auto: from model.recurrence and model.cycle_*
+    # #1855's switches, off by default (pgolf.model.gpt, attention, embed, layout)
+    skip_gates: bool = False  # each U-Net skip lerps into the stream by a learned sigmoid gate
+    parallel_from: int = -1  # >= 0: decoder blocks from this one on run two residual lanes; -1: off
+    attn_gate_dims: int = 0  # > 0: per-head output gate on attention, read from this many input dims
+    attn_gate_scale: float = 0.5  # the gate's pre-sigmoid scale
+    smear_dims: int = 12  # embed=smear_bos: dims of the token's embedding its gate reads
+    bos_id: int = 1  # embed=smear_bos: the token that starts a document (nothing smears into it)
+    # Block layout: unet | recurrence | middle_cycle | loop; auto: from model.recurrence and model.cycle_*
     layout: str = "auto"
+    # layout=loop: blocks loop_start..loop_end (inclusive) run loop_passes times in a row; the
+    # loop is off (a plain U-Net) until loop_start_frac of training, on after it and in evaluation
+    loop_start: int = 0
+    loop_end: int = 0
+    loop_passes: int = 1
+    loop_start_frac: float = 0.0
     # MLP variant (pgolf.model.mlp.MLP_VARIANTS): relu2 (official) | leaky_relu2 | swiglu | gelu | silu
     mlp: str = "relu2"
     mlp_slope: float = 0.5  # leaky_relu2's negative slope

@@ -1,6 +1,7 @@
 """Add-ons around the token embedding, in PR #549's forms: a hashed table of token bigrams
 (model.embed=bigram), a per-channel smear with the previous position (model.post_norm=smear)
-and value embeddings added to the values of chosen attention layers (model.stream=value_embed)."""
+and value embeddings added to the values of chosen attention layers (model.stream=value_embed);
+and #1855's token-gated smear of the raw embedding that stops at documents (model.embed=smear_bos)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,26 @@ class SmearGate(nn.Module):
         return (1 - s) * x + s * previous
 
 
+@EMBEDDING_ADDONS.register("smear_bos")
+class SmearBOS(nn.Module):
+    """e_t <- e_t + lam * sigmoid(w . e_t[:smear_dims]) * e_{t-1} for t >= 1, except where token t is
+    model.bos_id: a document's first token takes nothing from the one before. On the raw embedding,
+    before the norm; w and lam start at 0 (off at init), as #1855."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.bos_id = cfg.bos_id
+        self.gate = nn.Parameter(torch.zeros(cfg.smear_dims, dtype=torch.float32))
+        self.lam = nn.Parameter(torch.zeros((), dtype=torch.float32))
+        tag(self, Role.GATE, "gate", "lam")
+
+    def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        cur = x[:, 1:]
+        g = self.lam.to(x.dtype) * torch.sigmoid(cur[..., :self.gate.numel()] @ self.gate.to(x.dtype))
+        g = g * (input_ids[:, 1:] != self.bos_id).to(x.dtype)
+        return torch.cat((x[:, :1], cur + g[..., None] * x[:, :-1]), dim=1)
+
+
 VALUE_EMBED = "value_embed"  # its key in the attention's extras
 
 
@@ -97,7 +118,8 @@ def embed_problems(cfg: ModelConfig) -> list[str]:
     """What is wrong with the add-ons' keys of cfg (the names are registered ones)."""
     problems, defaults = [], ModelConfig()
     for name, field, keys in (("bigram", "embed", ("bigram_buckets", "bigram_dim")),
-                              (VALUE_EMBED, "stream", ("ve_dim", "ve_layers"))):
+                              (VALUE_EMBED, "stream", ("ve_dim", "ve_layers")),
+                              ("smear_bos", "embed", ("smear_dims", "bos_id"))):
         if name not in getattr(cfg, field):
             problems += [f"model.{key} applies only with model.{field} including {name}: add it there, or leave "
                          f"model.{key} at its default" for key in keys if getattr(cfg, key) != getattr(defaults, key)]
@@ -105,4 +127,7 @@ def embed_problems(cfg: ModelConfig) -> list[str]:
         problems += layer_list_problems(cfg, "ve_layers")
         if not cfg.ve_layers:
             problems.append("model.stream=value_embed needs model.ve_layers, the layers that use it (e.g. [-2, -1])")
+    if "smear_bos" in cfg.embed and (cfg.smear_dims > cfg.model_dim or cfg.bos_id >= cfg.vocab_size):
+        problems.append(f"model.smear_dims must be at most model.model_dim={cfg.model_dim} and model.bos_id below "
+                        f"model.vocab_size={cfg.vocab_size}, got {cfg.smear_dims} and {cfg.bos_id}")
     return problems

@@ -9,7 +9,9 @@ The defaults are the official Parameter Golf baseline, bit for bit: 9 x 512, GQA
 RoPE and RMS-normed Q/K (learnable per-head gain), a relu^2 MLP, U-Net skips, tied embeddings,
 softcap 30. The slots and their protocols are in pgolf.model.registry; every parameter carries
 a role (pgolf.model.roles) that decides its optimizer, dtype and export. Off by default, the
-records' switches: model.ln_scale (deeper blocks read smaller inputs), model.init=orthogonal.
+records' switches: model.ln_scale (deeper blocks read smaller inputs), model.init=orthogonal,
+model.skip_gates (each skip lerps in by a learned gate), model.parallel_from (two residual lanes
+in the last blocks) and the `looping` flag of model.layout=loop.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from pgolf.model.roles import ROLE_TABLE, Role, param_roles, tag
 # The names are re-exported too, for the import paths other modules use.
 from pgolf.model.attention import CausalSelfAttention, Rotary, apply_rotary  # noqa: F401  "gqa", "rope"
 from pgolf.model.attention import attention_problems
-from pgolf.model.embed import embed_problems  # "bigram", "smear", "value_embed"
-from pgolf.model.layout import BlockSchedule, cycle_enabled  # noqa: F401  "unet", "recurrence", "middle_cycle"
+from pgolf.model.embed import embed_problems  # "bigram", "smear", "smear_bos", "value_embed"
+from pgolf.model.layout import BlockSchedule, cycle_enabled  # noqa: F401  "unet", "recurrence", "middle_cycle", "loop"
 from pgolf.model.mlp import MLP, MLP_VARIANTS, MLPVariant, gated_hidden_size, mlp_hidden_size  # noqa: F401
 
 __all__ = ["GPT", "Block", "build_model", "count_parameters", "model_config_problems", "CastedLinear", "rms_norm",
@@ -68,12 +70,22 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), extras)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
+    def parallel(self, a: Tensor, m: Tensor, x0: Tensor, extras, resid: Tensor, post: Tensor) -> tuple[Tensor, Tensor]:
+        """#1855's two lanes: attention reads lane a (mixed with x0), the MLP reads lane m, both
+        from the lanes as they were; each lane keeps resid[k] of itself plus post[0, k] of the
+        attention's output and post[1, k] of the MLP's."""
+        mix, resid, post = self.resid_mix.to(a.dtype), resid.to(a.dtype), post.to(a.dtype)
+        att = self.attn_scale.to(a.dtype) * self.attn(self.norm(mix[0] * a + mix[1] * x0), extras)
+        mlp = self.mlp_scale.to(a.dtype) * self.mlp(self.norm(m))
+        return resid[0] * a + post[0, 0] * att + post[1, 0] * mlp, resid[1] * m + post[0, 1] * att + post[1, 1] * mlp
+
 
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.schedule = block_schedule(cfg)
+        self.looping = True  # layout loop: off runs schedule.unlooped (pgolf.train.looping turns it off early)
         self.unique_depth = cfg.num_layers  # distinct blocks (parameters)
         self.effective_depth = self.schedule.effective_depth  # blocks run per forward pass
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
@@ -82,6 +94,14 @@ class GPT(nn.Module):
         self.num_decoder_layers = len(self.schedule.decoder)
         self.skip_weights = nn.Parameter(torch.ones(self.schedule.num_skips, cfg.model_dim, dtype=torch.float32))
         tag(self, Role.CONTROL, "skip_weights")
+        self.skip_gates = None
+        if cfg.skip_gates:
+            self.skip_gates = nn.Parameter(torch.zeros(self.schedule.num_skips, cfg.model_dim, dtype=torch.float32))
+            tag(self, Role.GATE, "skip_gates")
+        if cfg.parallel_from >= 0:  # one row per block, as #1855 (the rows before parallel_from stay unused)
+            self.lane_resid = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1, dtype=torch.float32))
+            self.lane_post = nn.Parameter(torch.ones(cfg.num_layers, 2, 2, dtype=torch.float32))
+            tag(self, Role.GATE, "lane_resid", "lane_post")
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.num_layers))
         self.lm_head = (None if cfg.tie_embeddings else
                         CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True, role=Role.HEAD))
@@ -122,7 +142,7 @@ class GPT(nn.Module):
         extras: dict[str, Tensor] = {}
         for addon in self.stream_addons:
             extras.update(addon(input_ids, x0))
-        schedule = self.schedule
+        schedule = self.schedule if self.looping or self.schedule.unlooped is None else self.schedule.unlooped
         for i in schedule.plain:
             x = self.blocks[i](x, x0, extras)
         skips = []
@@ -131,11 +151,19 @@ class GPT(nn.Module):
             skips.append(x)
         for i in schedule.middle:
             x = self.blocks[i](x, x0, extras)
+        m = None  # the second lane, from the first decoder block >= model.parallel_from on
         for j, i in enumerate(schedule.decoder):
+            if m is None and 0 <= self.cfg.parallel_from <= i:
+                m = x
             if skips:
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = self.blocks[i](x, x0, extras)
-        return rms_norm(x)
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                gates = self.skip_gates
+                x = x + skip if gates is None else torch.lerp(skip, x, torch.sigmoid(gates[j].to(x.dtype)))
+            if m is None:
+                x = self.blocks[i](x, x0, extras)
+            else:
+                x, m = self.blocks[i].parallel(x, m, x0, extras, self.lane_resid[i], self.lane_post[i])
+        return rms_norm(x if m is None else 0.5 * (x + m))
 
     def logits(self, input_ids: Tensor) -> Tensor:
         """Softcapped logits, shape (batch, seq, vocab)."""
@@ -178,4 +206,7 @@ def model_config_problems(cfg: ModelConfig) -> list[str]:
     if unknown:
         return unknown
     init = [f"model.init must be default or orthogonal, got '{cfg.init}'"] if cfg.init not in INITS else []
+    if not -1 <= cfg.parallel_from < cfg.num_layers:
+        init.append(f"model.parallel_from must be a block index below model.num_layers={cfg.num_layers}, or -1 "
+                    f"(off), got {cfg.parallel_from}")
     return mlp_problems(cfg) + layout_problems(cfg) + embed_problems(cfg) + attention_problems(cfg) + init

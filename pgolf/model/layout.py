@@ -17,12 +17,14 @@ class BlockSchedule:
 
     plain: run first, without skips (recurrence passes 1..K-1); encoder: each output is kept
     for a skip; middle: no skips (the repeated core); decoder: each block first adds, while
-    any remain, the latest kept output (last in, first out) times its skip weight."""
+    any remain, the latest kept output (last in, first out) times its skip weight. unlooped: the
+    schedule GPT runs instead while its `looping` flag is off (layout loop's early phase)."""
 
     plain: tuple[int, ...]
     encoder: tuple[int, ...]
     middle: tuple[int, ...]
     decoder: tuple[int, ...]
+    unlooped: "BlockSchedule | None" = None
 
     @property
     def num_skips(self) -> int:
@@ -54,6 +56,17 @@ def middle_cycle(cfg: ModelConfig) -> BlockSchedule:
     stem, core = cfg.cycle_stem, cfg.cycle_core
     return BlockSchedule((), tuple(range(stem)), tuple(range(stem, stem + core)) * cfg.cycle_repeats,
                          tuple(range(stem + core, cfg.num_layers)))
+
+
+@LAYOUTS.register("loop")
+def loop(cfg: ModelConfig) -> BlockSchedule:
+    """#1855's depth recurrence: blocks loop_start..loop_end run loop_passes times in a row
+    (11 blocks, 3..5 x 3: 0 1 2 3 4 5 3 4 5 3 4 5 6 7 8 9 10); the first half of the 17 applications
+    is the encoder, the rest the decoder. Unlooped, the plain U-Net over the blocks."""
+    order = [*range(cfg.loop_start), *list(range(cfg.loop_start, cfg.loop_end + 1)) * cfg.loop_passes,
+             *range(cfg.loop_end + 1, cfg.num_layers)]
+    half = len(order) // 2
+    return BlockSchedule((), tuple(order[:half]), (), tuple(order[half:]), unet(cfg))
 
 
 def cycle_enabled(cfg: ModelConfig) -> bool:
@@ -98,4 +111,16 @@ def layout_problems(cfg: ModelConfig) -> list[str]:
             problems.append(f"model.num_layers={cfg.num_layers} must equal model.cycle_stem + model.cycle_core + "
                             f"model.cycle_tail = {cfg.cycle_stem + cfg.cycle_core + cfg.cycle_tail} (the unique "
                             f"blocks); set model.num_layers={cfg.cycle_stem + cfg.cycle_core + cfg.cycle_tail}")
+    defaults = ModelConfig()
+    loop_keys = ("loop_start", "loop_end", "loop_passes", "loop_start_frac")
+    if name != "loop":
+        problems += [f"model.{key} applies only with model.layout=loop: set model.layout=loop, or leave model.{key} "
+                     f"at its default" for key in loop_keys if getattr(cfg, key) != getattr(defaults, key)]
+    elif cfg.recurrence != 1 or cycle_enabled(cfg):
+        problems.append("model.layout=loop excludes model.recurrence and the middle cycle: set model.recurrence=1 "
+                        "and the cycle_* keys to 0")
+    elif not 0 <= cfg.loop_start <= cfg.loop_end < cfg.num_layers or cfg.loop_passes < 2:
+        problems.append(f"model.layout=loop needs 0 <= model.loop_start <= model.loop_end < model.num_layers="
+                        f"{cfg.num_layers} and model.loop_passes >= 2 (e.g. 3, 5, 3), got {cfg.loop_start}, "
+                        f"{cfg.loop_end}, {cfg.loop_passes}")
     return problems

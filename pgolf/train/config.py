@@ -14,6 +14,9 @@ class TrainConfig:
     # otherwise warmdown_iters, with the official meaning.
     warmdown_iters: int = 1200
     warmdown_frac: float = 0.0
+    # Floor of the warmdown's lr multiplier, a fraction of each base lr (0: decay to zero; the 1.06108
+    # record uses 0.1 with warmdown_frac): applied to either warmdown form.
+    min_lr: float = 0.0
     # Untimed steps that prime compilation; weights, optimizer and data are then restored.
     warmup_steps: int = 20
     train_batch_tokens: int = 524_288
@@ -85,6 +88,11 @@ class OptimConfig:
     # Parallel Muon (#549's form): reduce-scatter the gradients, keep the momentum and all-gather
     # the updates in bf16 (pgolf.train.parallel_muon); no effect with one process.
     parallel_muon_bf16: bool = False
+    # Newton-Schulz coefficients (pgolf.train.muon): classic (one fixed quintic) | polar_express
+    # (Polar Express's per-iteration ones, the 1.06108 record's).
+    muon_ns: str = "classic"
+    # MuonEq-R (the 1.06108 record's): each row of the Nesterov direction divided by its L2 norm before Newton-Schulz.
+    muon_row_norm: bool = False
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Learning-rate multiplier: constant, then a linear warmdown to zero at the end of training."""
+"""Learning-rate multiplier: constant, then a linear warmdown to zero (or train.min_lr) at the end of training."""
 
 from __future__ import annotations
 
@@ -18,8 +18,13 @@ def lr_scale(step: int, elapsed_ms: float, cfg: TrainConfig, reserve_seconds: fl
     - warmdown_iters with a wall-clock cap (official): the warmdown lasts warmdown_iters steps at
       the average step time so far, ending when the budget runs out.
     - warmdown_iters without a cap (official): the last warmdown_iters of `iterations`.
-    The budget is budget_ms(cfg, reserve_seconds).
+    The budget is budget_ms(cfg, reserve_seconds). The multiplier never drops below train.min_lr
+    (the 1.06108 record's max((1 - frac) / warmdown_frac, min_lr) in the warmdown; 1 before it).
     """
+    return max(_warmdown(step, elapsed_ms, cfg, reserve_seconds), cfg.min_lr)
+
+
+def _warmdown(step: int, elapsed_ms: float, cfg: TrainConfig, reserve_seconds: float) -> float:
     cap_ms = budget_ms(cfg, reserve_seconds)
     if cfg.warmdown_frac > 0:
         if cap_ms is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -10,14 +12,24 @@ from torch import Tensor
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon): they push all singular values
 # of the normalised update towards ~1 in a handful of iterations.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# optim.muon_ns: (a, b, c) per iteration; iterations past the end repeat the last. polar_express:
+# Polar Express's per-iteration minimax coefficients, as the 1.06108 record (#1855, from #1344)
+# runs them: 5 iterations, the same Frobenius normalisation (no safety factor).
+NS_SCHEDULES = {"classic": (NS_COEFFS,), "polar_express": (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))}
 
 
-def orthogonalize(update: Tensor, steps: int, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7) -> Tensor:
+def orthogonalize(update: Tensor, steps: int, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7,
+                  coeffs: tuple = (NS_COEFFS,)) -> Tensor:
     """Approximate U V^T of the update's SVD with `steps` Newton-Schulz iterations.
 
     `update` is one matrix (r, c) or a stack (..., r, c) of same-shape matrices, each
-    normalised by its own Frobenius norm and iterated independently in batched matmuls."""
-    a, b, c = NS_COEFFS
+    normalised by its own Frobenius norm and iterated independently in batched matmuls.
+    Iteration i uses coeffs[i] (the last one once they run out)."""
     x = update.to(dtype)
     if x.ndim == 2:
         x = x / (x.norm() + eps)
@@ -26,7 +38,8 @@ def orthogonalize(update: Tensor, steps: int, dtype: torch.dtype = torch.bfloat1
     tall = update.size(-2) > update.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.mT
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if tall else x
@@ -52,13 +65,20 @@ def orthogonalize_many(updates: list[Tensor], steps: int, dtype: torch.dtype = t
 
 
 def muon_updates(grads: list[Tensor], buffers: list[Tensor], momentum: float, nesterov: bool, steps: int,
-                 dtype: torch.dtype, batched: bool, orthogonalize_fn=orthogonalize) -> list[Tensor]:
+                 dtype: torch.dtype, batched: bool, orthogonalize_fn=orthogonalize, coeffs: tuple = (NS_COEFFS,),
+                 row_norm: bool = False) -> list[Tensor]:
     """Momentum (in place on `buffers`), Nesterov, Newton-Schulz, then the sqrt(max(1, rows/cols))
-    scale: the update Muon subtracts (times lr) for each gradient, in `dtype`."""
+    scale: the update Muon subtracts (times lr) for each gradient, in `dtype`. row_norm (MuonEq-R):
+    each row of the direction is first divided by its L2 norm (fp32, clamped at 1e-7)."""
     directions = []
     for g, buf in zip(grads, buffers):
         buf.mul_(momentum).add_(g)
-        directions.append(g.add(buf, alpha=momentum) if nesterov else buf)
+        d = g.add(buf, alpha=momentum) if nesterov else buf
+        if row_norm:
+            d = d / d.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(d.dtype)
+        directions.append(d)
+    if coeffs != (NS_COEFFS,):
+        orthogonalize_fn = partial(orthogonalize_fn, coeffs=coeffs)
     if batched:
         ortho = orthogonalize_many(directions, steps, dtype, orthogonalize_fn)
     else:
@@ -83,11 +103,13 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True,
-                 ns_dtype: torch.dtype = torch.bfloat16, weight_decay: float = 0.0, batched: bool = False):
+                 ns_dtype: torch.dtype = torch.bfloat16, weight_decay: float = 0.0, batched: bool = False,
+                 ns: str = "classic", row_norm: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
                                       weight_decay=weight_decay))
         self.ns_dtype = ns_dtype
         self.batched = batched
+        self.ns_coeffs, self.row_norm = NS_SCHEDULES[ns], row_norm  # optim.muon_ns, optim.muon_row_norm
         self.orthogonalize = orthogonalize  # replaced by a torch.compile'd version on CUDA
 
     def momentum_buffer(self, p: Tensor) -> Tensor:
@@ -112,7 +134,7 @@ class Muon(torch.optim.Optimizer):
             owned = [i for i, p in enumerate(params) if i % world_size == rank and p.grad is not None]
             updates = muon_updates([params[i].grad for i in owned], [self.momentum_buffer(params[i]) for i in owned],
                                    group["momentum"], group["nesterov"], group["backend_steps"], self.ns_dtype,
-                                   self.batched, self.orthogonalize)
+                                   self.batched, self.orthogonalize, self.ns_coeffs, self.row_norm)
             for i, u in zip(owned, updates):
                 flat[offsets[i] : offsets[i + 1]] = u.reshape(-1)
             if distributed and world_size > 1:

@@ -131,7 +131,8 @@ def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device, paralle
 
     muon_kwargs = dict(lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
                        ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                       weight_decay=cfg.muon_wd, batched=resolve_switch(cfg.batched_ns, device.type == "cuda"))
+                       weight_decay=cfg.muon_wd, batched=resolve_switch(cfg.batched_ns, device.type == "cuda"),
+                       ns=cfg.muon_ns, row_norm=cfg.muon_row_norm)
     if parallel_muon:
         from pgolf.train.parallel_muon import ParallelMuon  # optional: shipped only when optim.parallel_muon may enable it
 

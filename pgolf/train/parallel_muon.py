@@ -205,7 +205,7 @@ class ParallelMuon(Muon):
         buckets, mine = self.buckets(gi), self._wait(gi)
         updates = muon_updates([g for _, _, g in mine], [self.momentum_buffer(p) for _, p, _ in mine],
                                group["momentum"], group["nesterov"], group["backend_steps"], self.ns_dtype,
-                               self.batched, self.orthogonalize)
+                               self.batched, self.orthogonalize, self.ns_coeffs, self.row_norm)
         own_update = {bi: u for (bi, _, _), u in zip(mine, updates)}
         gathered = []
         for bi, bucket in enumerate(buckets):

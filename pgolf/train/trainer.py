@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pgolf.config import Config
 from pgolf.data.shards import (DistributedTokenLoader, check_token_range, load_validation_tokens, read_shard_header,
-                               resolve_shards)
+                               resolve_shards, validation_bytes)
 from pgolf.data.tokenizer import check_vocab, load_tokenizer
 from pgolf.eval.windows import EvalResult, autocast_for, evaluate_bpb
 from pgolf.model.gpt import GPT, build_model
@@ -58,7 +58,7 @@ STALL_WINDOW = 10
 class TrainData:
     train_files: list[Path]
     val_tokens: Tensor
-    luts: tuple[Tensor, Tensor, Tensor]
+    luts: tuple[Tensor, Tensor, Tensor] | Tensor  # byte tables, or a byte sidecar (validation_bytes)
     tokenizer_name: str
     val_tokens_total: int
 
@@ -80,8 +80,10 @@ def prepare_data(cfg: Config, info: DistInfo, logger: RunLogger) -> TrainData:
     if cfg.train.val_max_tokens and cfg.train.val_max_tokens < total:
         usable = max(cfg.train.val_max_tokens // seq_len, 1) * seq_len
         val_tokens = val_tokens[: usable + 1]
-    luts = tokenizer.byte_luts(cfg.model.vocab_size).to_torch(info.device)
+    luts = validation_bytes(cfg, tokenizer, val_tokens.numel(), info.device)
     logger.log(f"data: {len(train_files)} train shards from {cfg.train_files()}; tokenizer {tokenizer.name}")
+    if isinstance(luts, Tensor):
+        logger.log(f"val bytes: from the byte sidecars beside {cfg.val_files()} ({int(luts[1:].sum()):,} bytes)")
     logger.log(f"val: {val_tokens.numel() - 1:,} of {total:,} tokens scored from {cfg.val_files()}")
     return TrainData(train_files, val_tokens, luts, tokenizer.name, total)
 
@@ -120,6 +122,10 @@ def build_callbacks(cfg) -> list[TrainCallback]:
         from pgolf.train.swa import SWACallback
 
         callbacks.append(SWACallback(cfg.swa))
+    if CALLBACKS["loop"][1](cfg):
+        from pgolf.train.looping import LoopSwitch
+
+        callbacks.append(LoopSwitch(cfg.model.loop_start_frac))
     return callbacks
 
 
@@ -225,6 +231,8 @@ class Trainer:
             self.train_step(1.0)
             if steps <= 20 or (i + 1) % 10 == 0 or i + 1 == steps:
                 self.logger.log(f"warmup_step:{i + 1}/{steps}")
+        for callback in self.callbacks:  # the model forms a callback switches to later (a second graph)
+            callback.on_warmup(self, steps)
         self.restore(saved)
         self.optimizers.zero_grad()
 

@@ -182,12 +182,19 @@ CAPABILITY_SWITCHES = {
     "middle_cycle": ["model.num_layers=3", "model.cycle_stem=1", "model.cycle_core=1", "model.cycle_repeats=2",
                      "model.cycle_tail=1"],
     "muon_wd": ["optim.muon_wd=0.02"], "fp16_embedding": ["export.fp16_embedding=true"],
+    "polar_express": ["optim.muon_ns=polar_express"], "muon_row_norm": ["optim.muon_row_norm=true"],
+    "min_lr": ["train.min_lr=0.1"],
     "mixed_bits": ["export.policy=mlp:5,attn:6"], "gptq": ["export.gptq=true"],
     "bit_allocation": ["export.allocate=true"], "qat": ["qat.enabled=true"], "sliding_eval": ["train.eval_stride=64"],
     "ttt": None,  # an evaluation mode: pgolf eval --ttt
+    "caseops": ["data.caseops=true"], "byte_sidecar": ["data.byte_sidecar=on"],
     "bigram": ["model.embed=bigram"], "smear": ["model.post_norm=smear"], "value_embed": ["model.stream=value_embed"],
     "xsa": ["model.xsa_layers=-1"], "partial_rope": ["model.rope_dims=16"], "ln_scale": ["model.ln_scale=true"],
     "orthogonal_init": ["model.init=orthogonal"],
+    "loop": ["model.layout=loop", "model.loop_start=3", "model.loop_end=5", "model.loop_passes=3",
+             "model.loop_start_frac=0.35"],
+    "skip_gates": ["model.skip_gates=true"], "parallel_residual": ["model.parallel_from=5"],
+    "attn_gate": ["model.attn_gate_dims=12"], "smear_bos": ["model.embed=smear_bos"],
 }
 
 

@@ -114,3 +114,88 @@ def test_download_via_hub_api_without_network(hub, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="could not download .*source_dir"):
         download_fineweb("sp1024", 1, root=tmp_path / "x", repo_id="someone/pg", with_docs=True,
                          remote_prefix="missing")
+
+
+# --- variants, their repos, and switching repos -------------------------------------------
+
+def make_hub(root, dataset, vocab, tok_name, val_sidecars=False, text_transform=None):
+    """A folder laid out like one of the dataset repos: datasets/manifest.json, shards, tokenizer."""
+    shards = root / "datasets" / "datasets" / dataset
+    write_shard(shards / "fineweb_val_000000.bin", np.arange(40) % vocab)
+    if val_sidecars:
+        write_shard(shards / "fineweb_val_bytes_000000.bin", np.ones(40, dtype=np.int64))
+    write_shard(shards / "fineweb_train_000000.bin", np.arange(30) % vocab)
+    (root / "datasets" / "tokenizers").mkdir(parents=True)
+    (root / "datasets" / "tokenizers" / f"{tok_name}.model").write_bytes(b"model " + dataset.encode())
+    tok = {"name": tok_name, "vocab_size": vocab, "model_path": f"tokenizers/{tok_name}.model"}
+    if text_transform:
+        tok["text_transform"] = text_transform
+    manifest = {"datasets": [{"name": dataset, "tokenizer_name": tok_name, "vocab_size": vocab,
+                              "stats": {"files_train": 1, "files_val": 1, "docs_val": 50_000}}],
+                "tokenizers": [tok]}
+    (root / "datasets" / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_variants_resolve_to_their_datasets_and_repos():
+    from pgolf.data.fineweb import default_repo
+
+    assert dataset_name_for_variant("sp8192") == "fineweb10B_sp8192"
+    assert dataset_name_for_variant("sp8192_caseops") == "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+    assert dataset_name_for_variant("sp16384_mine") == "fineweb10B_sp16384_mine"
+    assert default_repo("sp1024") == default_repo("sp4096") == default_repo("byte260") == "willdepueoai/parameter-golf"
+    assert default_repo("sp8192") == "kevclark/parameter-golf"
+    assert default_repo("sp8192_caseops") == default_repo("sp8192_lossless_caps_caseops_v1_reserved") \
+        == "romeerp/parameter-golf-caseops-v1"
+    for bad in ("sp8192_", "spx", "sp_caseops", "gpt2"):
+        with pytest.raises(ValueError, match="unknown FineWeb variant"):
+            dataset_name_for_variant(bad)
+    from pgolf.cli import build_parser
+
+    for flag in ("--repo", "--repo-id"):
+        assert build_parser().parse_args(["data", "fineweb", flag, "a/b"]).repo_id == "a/b"
+    assert build_parser().parse_args(["data", "fineweb"]).repo_id is None  # the variant's own repo
+
+
+def test_each_variant_downloads_from_its_repo_and_a_switch_refetches_the_manifest(tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    hubs = {"willdepueoai/parameter-golf": make_hub(tmp_path / "h1", DS, 1024, "fineweb_1024_bpe"),
+            "kevclark/parameter-golf": make_hub(tmp_path / "h2", "fineweb10B_sp8192", 8192, "fineweb_8192_bpe"),
+            "romeerp/parameter-golf-caseops-v1": make_hub(
+                tmp_path / "h3", "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", 8192,
+                "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved", val_sidecars=True,
+                text_transform="lossless_caps_caseops_v1")}
+    calls = []
+
+    def fake_download(repo_id, filename, subfolder=None, repo_type=None, **kw):
+        calls.append((repo_id, f"{subfolder}/{filename}"))
+        src = hubs[repo_id] / subfolder / filename
+        if not src.is_file():
+            raise FileNotFoundError(src)
+        return str(src)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    out = tmp_path / "data"
+    rep = download_fineweb("sp1024", 1, root=out)
+    assert {r for r, _ in calls} == {"willdepueoai/parameter-golf"} and "byte_sidecar_files" not in rep
+
+    calls.clear()  # the local manifest is sp1024's: switching repos fetches sp8192's, not reuses it
+    rep = download_fineweb("sp8192", 1, root=out)
+    assert ("kevclark/parameter-golf", "datasets/manifest.json") in calls
+    assert {r for r, _ in calls} == {"kevclark/parameter-golf"} and rep["vocab_size"] == 8192
+    assert (out / "datasets" / "fineweb10B_sp8192" / "fineweb_train_000000.bin").is_file()
+    assert (out / "tokenizers" / "fineweb_8192_bpe.model").is_file()
+    calls.clear()
+    download_fineweb("sp8192", 1, root=out)
+    assert calls == []  # same repo again: everything present, the manifest too
+
+    rep = download_fineweb("sp8192_caseops", 1, root=out)
+    ds = out / "datasets" / "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+    assert rep["caseops"] and rep["byte_sidecar_files"] == [str(ds / "fineweb_val_bytes_000000.bin")]
+    assert read_shard(ds / "fineweb_val_bytes_000000.bin").tolist() == [1] * 40
+    assert {r for r, _ in calls} == {"romeerp/parameter-golf-caseops-v1"}
+
+    calls.clear()  # a repo named explicitly wins over the variant's
+    with pytest.raises(ValueError, match="fineweb10B_sp1024 is not in the manifest of the Hugging Face dataset "
+                                         "kevclark/parameter-golf"):
+        download_fineweb("sp1024", 1, root=out, repo_id="kevclark/parameter-golf")

@@ -110,6 +110,16 @@ def test_compare_groups(two_groups, capsys):
     text = capsys.readouterr().out
     assert "A = short" in text and "Δnats B−A" in text and "verdict (val_bpb):" in text
     assert "one-sided Welch t-test" in text
+    # Both rules, each with its verdict: the README's, then the end-of-challenge progression rule.
+    lines = text.rstrip().splitlines()
+    assert lines[-4].startswith("rule: B must beat A by more than 0.005 nats (val_loss) at p < 0.01")
+    assert lines[-3].startswith("verdict (val_bpb): ")
+    assert lines[-2].startswith("progression rule: B must beat A at p < 0.25, one-sided Welch t-test, no margin")
+    progression = verdict([r["val_loss"] for r in short], [r["val_loss"] for r in long], 0.0, 0.25)
+    assert lines[-1] == (f"progression verdict (val_bpb): {'YES' if progression.better else 'NO'}, "
+                         f"{progression.reason}")
+    assert score["progression"]["p"] == pytest.approx(progression.welch.p)
+    assert result["progression_alpha"] == 0.25 and result["progression_margin_nats"] == 0.0
 
 
 def test_compare_takes_run_ids_directories_and_lists(two_groups, capsys):
@@ -144,6 +154,7 @@ def test_compare_rows_metrics_present_left_out_runs_and_tokenizers():
     score = result["metrics"][0]
     assert score["n_a"] == 2 and score["delta_nats"] == pytest.approx(-0.10)
     assert score["delta_bpb"] == pytest.approx(-0.10) and score["better"]
+    assert score["progression"]["better"] and score["progression"]["p"] < score["p"]  # no margin: a smaller p
     assert any("left out 1 runs" in n and "a3 failed" in n for n in result["notes"])
     assert any("different tokenizers" in n for n in result["notes"])
     assert result["runs_a"] == ["a1", "a2"]

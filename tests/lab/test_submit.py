@@ -108,6 +108,40 @@ def test_run_directories_and_sliding_scores(runs, tmp_path):
     assert len(list((out / "receipts").glob("seed1_eval-sliding-*.json"))) == 1
 
 
+def test_only_the_counted_evaluation_is_used(runs, tmp_path):
+    """Two sliding evaluations of the split and one of a prefix: the submission reports the latest
+    of the two (pgolf.lab.evaluations), and says which did not count."""
+    for opts in (EvalOptions(stride=32), EvalOptions(stride=16), EvalOptions(stride=16, max_tokens=128)):
+        run_eval(str(runs / "g-s1"), opts, log=lambda *_: None)
+    receipts = {p.name: json.loads(p.read_text()) for p in (runs / "g-s1" / "receipts").glob("eval-sliding-*.json")}
+    full = sorted(n for n, d in receipts.items() if d["total_targets"] > 128)  # names sort by time
+    assert len(full) == 2
+    out = tmp_path / "counted"
+    submit(["g"], SubmitArgs("Counted", "A", "a", date="2026-01-03"), out=out, runs_dir=runs)
+    sub = read_json(out / "submission.json")
+    assert sub["seed_results"]["1"]["sliding_val_bpb"] == round(receipts[full[-1]]["totals"]["val_bpb"], 8)
+    readme = (out / "README.md").read_text()
+    assert f"(`receipts/seed1_{full[-1]}`); the latest of 2 evaluations of the split, the only one counted " \
+           f"(not counted: `receipts/seed1_{full[0]}`)" in readme
+    assert "Every seed passed every `pgolf check` row" in readme
+
+
+def _sliding_bytes_off_by_one(runs):
+    """A sliding receipt whose byte count is one too many, its totals and sha256 made consistent
+    (the audit accepts it; `pgolf check` recounts the bytes)."""
+    from pgolf.data.tokenizer import bits_per_byte
+    from pgolf.eval.receipt import receipt_digest
+
+    run_eval(str(runs / "g-s1"), EvalOptions(stride=32), log=lambda *_: None)
+    (path,) = (runs / "g-s1" / "receipts").glob("eval-sliding-*.json")
+    data = json.loads(path.read_text())
+    data.pop("sha256")
+    data["events"][0]["bytes"] += 1
+    t = data["totals"]
+    t.update(bytes=t["bytes"] + 1, val_bpb=bits_per_byte(t["loss_sum"], t["tokens"], t["bytes"] + 1))
+    path.write_text(json.dumps({**data, "sha256": receipt_digest(data)}))
+
+
 def _drop_final_line(runs):
     log = runs / "g-s1" / "train.log"
     lines = log.read_text().splitlines(True)
@@ -204,6 +238,8 @@ def _grow_artifact(runs):
     (_lowered_roundtrip, r"run g-s2: receipts/roundtrip\.json fails the rescore .*targets \(0, \d+\] differs when "
                          r"rescored"),
     (lambda runs: shutil.rmtree(runs / "g-s2" / "receipts"), r"run g-s2: receipts/roundtrip\.json is missing"),
+    (_sliding_bytes_off_by_one, r"run g-s1: `pgolf check` byte accounting: FAIL: receipts/eval-sliding-\S+\.json: "
+                                r"targets \(0, \d+\] are counted as [\d,]+ bytes, .*off by \+1"),
 ])
 def test_refusals_name_the_run_and_reason(runs, capsys, tamper, expected):
     tamper(runs)

@@ -216,8 +216,9 @@ def test_a_run_that_ended_just_before_the_stop_is_kept(tmp_path, one_cpu_thread,
     assert js["experiments"][0]["runs"] == ["t-00-baseline-s1"] and js["experiments"][0]["n"] == 1
 
 
-def test_every_repository_sweep_spec_resolves_for_each_variant():
+def test_every_repository_sweep_spec_resolves_for_each_variant(tmp_path):
     from pgolf.config.resolve import REPO_CONFIG_DIR
 
     for path in sorted((REPO_CONFIG_DIR / "sweeps").glob("*.toml")):
-        Sweep(load_spec(path))  # checks every variant's config, as a sweep does before its first run
+        # checks every variant's config, as a sweep does before its first run (state kept apart)
+        Sweep(load_spec(path, [f"run.runs_dir={tmp_path / path.stem}"]))

@@ -312,7 +312,7 @@ def test_middle_cycle_tail_takes_stem_outputs_last_first():
     (["train.eval_stride=2000"], "train.eval_stride must be within 0..train.train_seq_len=1024"),
     (["model.attention=mha"], "model.attention must be one of gqa, got 'mha'"),
     (["model.position=alibi"], "model.position must be one of rope, got 'alibi'"),
-    (["model.layout=ring"], "model.layout must be one of unet, recurrence, middle_cycle, auto, got 'ring'"),
+    (["model.layout=ring"], "model.layout must be one of unet, recurrence, middle_cycle, loop, auto, got 'ring'"),
     (["model.layout=unet", "model.recurrence=2"], "model.layout=unet runs every block once"),
 ])
 def test_bad_architecture_switches_are_refused(overrides, message):

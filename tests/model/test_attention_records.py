@@ -25,7 +25,8 @@ def reference_attention(attn, x, v_extra=None, rope_dims=0, base=10000.0, ref_le
     """One attention layer in float64 from its weights: GQA (head h reads KV head h // (H / Hkv)),
     RMS-normed Q/K, RoPE on the first rope_dims dims of each head (pairs (i, i + rope_dims/2),
     frequency base^(-2i/rope_dims); base * (T / ref_len)^(d / (d - 2)) when T > ref_len > 0),
-    v_extra added to the values, XSA: minus each output's component along its own value."""
+    v_extra added to the values, XSA: minus each output's component along its own value; with the
+    output gate (model.attn_gate_dims = k), head h times sigmoid(scale * gate[h] . x[:k])."""
     W = {n: p.detach().double() for n, p in attn.named_parameters()}
     x = x.double()
     B, T, d = x.shape
@@ -62,6 +63,9 @@ def reference_attention(attn, x, v_extra=None, rope_dims=0, base=10000.0, ref_le
     if xsa:
         v_hat = v / v.norm(dim=-1, keepdim=True)
         y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+    if getattr(attn, "gate", None) is not None:
+        g = torch.sigmoid(attn.gate_scale * (x[..., : W["gate"].size(1)] @ W["gate"].T))  # (B, T, H)
+        y = y * g.permute(0, 2, 1)[..., None]
     return y.permute(0, 2, 1, 3).reshape(B, T, d) @ W["proj.weight"].T
 
 

@@ -31,6 +31,7 @@ TINY = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads
 ENABLE = {
     ("layout", "recurrence"): dict(recurrence=2),
     ("layout", "middle_cycle"): dict(num_layers=3, cycle_stem=1, cycle_core=1, cycle_repeats=2, cycle_tail=1),
+    ("layout", "loop"): dict(loop_start=1, loop_end=1, loop_passes=2),
 }
 ENTRIES = [(field, name) for field, slot in SLOTS.items() for name in slot]
 
@@ -50,10 +51,10 @@ def ids(seed: int, shape=(2, 16)) -> Tensor:
 
 def test_the_builtin_entries():
     assert set(ATTENTIONS) == {"gqa"} and set(SLOTS["position"]) == {"rope"}
-    assert set(SLOTS["layout"]) == {"unet", "recurrence", "middle_cycle"}
+    assert set(SLOTS["layout"]) == {"unet", "recurrence", "middle_cycle", "loop"}
     assert set(SLOTS["mlp"]) == {"relu2", "leaky_relu2", "gelu", "silu", "swiglu"}
     assert (set(SLOTS["embed"]), set(SLOTS["post_norm"]), set(SLOTS["stream"])) == \
-        ({"bigram"}, {"smear"}, {"value_embed"})
+        ({"bigram", "smear_bos"}, {"smear"}, {"value_embed"})
     defaults = ModelConfig()
     assert (defaults.attention, defaults.position, defaults.embed, defaults.post_norm, defaults.stream,
             defaults.layout) == ("gqa", "rope", [], [], [], "auto")
@@ -90,7 +91,7 @@ def test_unknown_names_are_refused_with_the_options(field):
 
 def test_list_slots_need_a_list_of_distinct_names():
     assert model_config_problems(ModelConfig(embed="x")) == \
-        ["model.embed must be a list of names, e.g. model.embed=[] (options: bigram)"]
+        ["model.embed must be a list of names, e.g. model.embed=[] (options: bigram, smear_bos)"]
 
 
 def test_saved_configs_without_the_slot_keys_load_as_the_baseline():

@@ -39,6 +39,7 @@ def local_grad(rank, step, index):
 
 
 OPT = dict(lr=0.05, momentum=0.9, backend_steps=5, ns_dtype=torch.float32, weight_decay=0.1)
+VARIANTS = dict(ns="polar_express", row_norm=True)  # the 1.06108 record's Muon (tests/train/test_muon_variants.py)
 
 
 # --- bucket plan ---------------------------------------------------------------------------
@@ -84,15 +85,16 @@ def _init(rank: int, tmp: str) -> None:
                             timeout=datetime.timedelta(seconds=120))
 
 
-def _optimizer_run(rank: int, tmp: str, nesterov: bool) -> None:
+def _optimizer_run(rank: int, tmp: str, nesterov: bool, **variant) -> None:
     params = start_params()
-    opt = ParallelMuon(params, nesterov=nesterov, **OPT)
+    opt = ParallelMuon(params, nesterov=nesterov, **OPT, **variant)
     for step in range(STEPS):
         for i, p in enumerate(params):
             p.grad = local_grad(rank, step, i)
         opt.step()
     owned = sorted(i for i, p in enumerate(params) if p in opt.state)
-    torch.save({"params": [p.detach() for p in params], "owned": owned}, f"{tmp}/nesterov{nesterov}_rank{rank}.pt")
+    torch.save({"params": [p.detach() for p in params], "owned": owned},
+               f"{tmp}/nesterov{nesterov}{'_variants' * bool(variant)}_rank{rank}.pt")
 
 
 def _worker(rank: int, tmp: str) -> None:
@@ -101,6 +103,7 @@ def _worker(rank: int, tmp: str) -> None:
     try:
         for nesterov in (True, False):
             _optimizer_run(rank, tmp, nesterov)
+        _optimizer_run(rank, tmp, True, **VARIANTS)
         _ddp_run(rank, tmp)
         dist.barrier()
     finally:
@@ -114,11 +117,13 @@ def two_process_results(tmp_path_factory):
     return tmp
 
 
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_two_processes_equal_single_process_muon_on_averaged_gradients(two_process_results, nesterov):
-    outs = [torch.load(two_process_results / f"nesterov{nesterov}_rank{r}.pt") for r in range(WORLD)]
+@pytest.mark.parametrize("nesterov, variant", [(True, {}), (False, {}), (True, VARIANTS)],
+                         ids=["nesterov", "plain", "polar_express+row_norm"])
+def test_two_processes_equal_single_process_muon_on_averaged_gradients(two_process_results, nesterov, variant):
+    outs = [torch.load(two_process_results / f"nesterov{nesterov}{'_variants' * bool(variant)}_rank{r}.pt")
+            for r in range(WORLD)]
     params = start_params()
-    reference = Muon(params, nesterov=nesterov, **OPT)
+    reference = Muon(params, nesterov=nesterov, **OPT, **variant)
     for step in range(STEPS):
         for i, p in enumerate(params):
             p.grad = sum(local_grad(r, step, i) for r in range(WORLD)) / WORLD

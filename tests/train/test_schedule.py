@@ -107,3 +107,49 @@ def test_wallclock_schedules_end_at_the_budget_less_the_calibration_reserve():
     # 1000 steps in 474 s: 474 ms/step -> a 47.4 s warmdown; 26 s remain of 500 s.
     assert lr_scale(1000, 474_000.0, iters, 100.0) == pytest.approx(26 / 47.4)
     assert lr_scale(1050, 500_000.0, iters, 100.0) == 0.0
+
+
+# --- train.min_lr: the warmdown's floor ---------------------------------------------------------
+
+def record_lr_mul(frac: float, warmdown_frac: float, min_lr: float) -> float:
+    """The 1.06108 record's lr_mul (pr1855 train_gpt.py), frac = elapsed / (cap - gptq reserve)."""
+    return max((1.0 - frac) / warmdown_frac, min_lr) if frac >= 1.0 - warmdown_frac else 1.0
+
+
+@pytest.mark.parametrize("reserve", [0.0, 0.5])
+def test_min_lr_with_warmdown_frac_is_the_records_schedule(reserve):
+    c = cfg(warmdown_frac=0.85, min_lr=0.1, max_wallclock_seconds=600.0)
+    budget = 600_000.0 - 1000.0 * reserve
+    for frac in (0.0, 0.1, 0.15, 0.3, 0.5, 0.8, 0.9, 0.915, 0.92, 0.99, 1.0, 1.1):
+        assert lr_scale(7, frac * budget, c, reserve) == pytest.approx(record_lr_mul(frac, 0.85, 0.1)), frac
+    assert lr_scale(7, 0.5 * budget, c, reserve) == pytest.approx(0.5 / 0.85)  # above the floor: linear
+    assert lr_scale(7, 0.95 * budget, c, reserve) == 0.1  # the floor binds from frac 0.915
+    assert lr_scale(7, budget, c, reserve) == 0.1
+
+
+def test_min_lr_floors_the_official_warmdown_iters_forms():
+    no_cap = cfg(iterations=1000, warmdown_iters=200, max_wallclock_seconds=0, min_lr=0.25)
+    assert lr_scale(700, 0.0, no_cap) == 1.0
+    assert lr_scale(900, 0.0, no_cap) == pytest.approx(0.5)
+    assert lr_scale(960, 0.0, no_cap) == 0.25  # 0.2 floored
+    assert lr_scale(999, 0.0, no_cap) == 0.25
+    capped = cfg(warmdown_iters=100, max_wallclock_seconds=600.0, min_lr=0.25)
+    assert lr_scale(1000, 474_000.0, capped, 100.0) == pytest.approx(26 / 47.4)  # 1000 steps at 474 ms
+    assert lr_scale(1040, 492_960.0, capped, 100.0) == 0.25  # 474 ms/step: 7.04 s of 47.4 s left, 0.149 floored
+    assert lr_scale(1050, 500_000.0, capped, 100.0) == 0.25
+    frac_no_cap = cfg(warmdown_frac=0.25, iterations=1000, max_wallclock_seconds=0, min_lr=0.1)
+    assert lr_scale(875, 0.0, frac_no_cap) == pytest.approx(0.5)
+    assert lr_scale(990, 0.0, frac_no_cap) == 0.1
+
+
+def test_min_lr_default_is_no_floor_and_is_validated():
+    from pgolf.config import ConfigError
+    from pgolf.config.resolve import resolve_config
+
+    assert cfg().min_lr == 0.0
+    assert lr_scale(10, 600_000.0, cfg(warmdown_frac=0.2)) == 0.0
+    assert lr_scale(1200, 0.0, cfg(iterations=1200, max_wallclock_seconds=0)) == 1.0  # past the end: unchanged
+    assert lr_scale(1199, 0.0, cfg(iterations=1200, max_wallclock_seconds=0)) == pytest.approx(1 / 1200)
+    assert lr_scale(5, 0.0, cfg(warmdown_iters=0, max_wallclock_seconds=0, min_lr=0.5)) == 1.0  # no warmdown
+    with pytest.raises(ConfigError, match=r"train.min_lr must be within \[0, 1\], got 1.5"):
+        resolve_config(None, ["train.min_lr=1.5"], env={})

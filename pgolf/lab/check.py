@@ -1,0 +1,820 @@
+"""`pgolf check RUN_DIR | SUBMISSION_DIR`: the challenge's legality questions, machine-verified.
+
+One row per check, PASS / FAIL / SKIP with the reason; exit 0 only when nothing fails:
+
+  C1 causal       per evaluation mode the run was scored with (standard, sliding, TTT): on the run's
+                  model, reloaded from its artifact as `pgolf eval` does, no earlier score changes
+                  when later tokens do (pgolf.eval.probes.causal_probe); for TTT also the state that
+                  scores each chunk (ttt_state_probe)
+  C2 normalized   the distribution sums to 1 over the whole vocabulary and the scored probability is
+                  read from it (normalization_probe)
+  C3 score-first  every receipt passes `pgolf audit`; a finished run has its roundtrip receipt
+  C4 single pass  which evaluation counts for each reported number (pgolf.lab.evaluations), and that
+                  the summary, the log and the ledger report that one
+  bytes           each receipt's byte counts equal the UTF-8 length of the decoded validation text
+                  (pgolf.data.text_bytes), and the sidecar total where the data set states one
+  provenance      no validation document in any training shard (pgolf.data.provenance)
+  val split       the validation split has the document count of its named dataset variant
+  train budget    training data read only inside the training budget (the export's calibration)
+  eval data       evaluation reads no training data: `pgolf eval` traced on a prefix
+  artifact        artifact + code <= 16,000,000 bytes, recomputed from the files; the train_gpt.py
+                  built now is the code the run counted
+
+A check that lacks what it needs (no receipts, no shards on this machine, a run older than the
+record it reads) is SKIP with the reason, never a silent PASS. A records folder (from `pgolf
+submit`) gets the checks its files allow, and each seed's run directory, when found under
+--runs-dir, the run checks. `pgolf submit` runs check_run on every seed and refuses on any FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import sqlite3
+import statistics
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+from pgolf.config import Config, config_from_dict
+from pgolf.lab.evaluations import EXTRA_KINDS, ROUNDTRIP, counted_evaluations, not_of_the_split
+from pgolf.rules import EXIT_FAILED, EXIT_OK, SIZE_CAP_BYTES
+from pgolf.runs import RunDir, read_json
+
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+# Row keys, in the order the rows print (--skip takes them).
+KEYS = ("c1", "c2", "c3", "c4", "bytes", "provenance", "val-split", "train-budget", "eval-data", "artifact")
+TTT_PROBE_SEQ = 256  # the TTT state probe's window length at most (3 chunks of 2 windows: seconds on CPU)
+FINAL_LINE = re.compile(r"^final_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)\s*$", re.MULTILINE)
+MODEL_BYTES_LINE = re.compile(r"^artifact model bytes: ([\d,]+)\s*$", re.MULTILINE)
+CODE_BYTES_LINE = re.compile(r"^code bytes: ([\d,]+) \((.*)\)\s*$", re.MULTILINE)
+SHA = re.compile(r"sha256:([0-9a-f]{16})")
+
+
+class Skip(Exception):
+    """What a check needs is not there: its row is SKIP with this reason."""
+
+
+@dataclass
+class Row:
+    key: str
+    check: str
+    status: str
+    detail: str
+    target: str = ""  # the seed, in a records folder's rows
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CheckOptions:
+    device: str = "cpu"
+    windows: int = 3  # evaluation windows per causal / normalization probe
+    seed: int = 0  # the probes' sampling seed
+    data_dir: str | None = None  # the shards (val, train) and tokenizer folder instead of the run's
+    runs_dir: str = "runs"  # a records folder's seed runs are looked up here
+    skip: tuple[str, ...] = ()
+    model: Any = None  # the model to probe instead of the artifact's (tests: a deliberately broken one)
+    ttt_runner: Callable | None = None  # TTT to probe instead of pgolf.eval.ttt.run_ttt
+    bundle: bytes | None = None  # train_gpt.py as it would ship (pgolf submit passes its own)
+
+
+@dataclass
+class Mode:
+    """An evaluation the run was scored with, as C1 probes it."""
+
+    kind: str  # standard | sliding | ttt
+    seq_len: int
+    stride: int
+    ttt: dict | None = None  # the TTT receipt's settings
+    source: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.kind == "ttt":
+            return f"TTT, seq_len {self.seq_len}, stride {self.stride}"
+        return f"{self.kind}, seq_len {self.seq_len}" + (f", stride {self.stride}" if self.kind == "sliding" else "")
+
+
+# --- a run and what the checks read from it ------------------------------------------------------
+
+class RunContext:
+    """One run directory, its files read once and what the checks share, loaded on first use."""
+
+    def __init__(self, run_dir: str | Path, opts: CheckOptions):
+        from pgolf.eval.run import use_data_dir
+
+        self.dir, self.rd, self.opts = Path(run_dir), RunDir(run_dir), opts
+        saved = read_json(self.rd.config)
+        self.config_dict: dict = saved["config"]
+        self.cfg: Config = use_data_dir(config_from_dict(self.config_dict), opts.data_dir)
+        if opts.data_dir:
+            models = sorted(Path(opts.data_dir).glob("*.model"))
+            if len(models) == 1:
+                self.cfg.data.tokenizer_path = str(models[0])
+        self.summary: dict = self.rd.read_summary()
+        self.log = self.rd.log.read_text(encoding="utf-8", errors="replace") if self.rd.log.exists() else ""
+        self.receipts: dict[str, dict] = {}
+        for path in sorted(self.rd.receipts.glob("*.json")) if self.rd.receipts.is_dir() else []:
+            try:
+                self.receipts[path.name] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self.receipts[path.name] = {}  # C3's audit names the problem
+
+    @property
+    def finished(self) -> bool:
+        return self.summary.get("status") in ("done", "over_cap")
+
+    @cached_property
+    def tokenizer(self):
+        from pgolf.data.tokenizer import TokenizerError, load_tokenizer
+
+        try:
+            return load_tokenizer(self.cfg.data.tokenizer_path)
+        except (TokenizerError, OSError, ImportError) as exc:
+            raise Skip(f"the tokenizer cannot be loaded here ({exc}); pass --data DIR") from None
+
+    def _shards(self, pattern: str, split: str) -> list[Path]:
+        from pgolf.data.shards import resolve_shards
+
+        try:
+            return resolve_shards(pattern)
+        except FileNotFoundError:
+            raise Skip(f"no {split} shards match {pattern} on this machine (run pgolf check where the run was "
+                       "trained, or pass --data DIR)") from None
+
+    @cached_property
+    def val_files(self) -> list[Path]:
+        # Byte sidecars (X_val_bytes_N.bin) match the validation pattern too: they hold counts, not tokens.
+        return [p for p in self._shards(self.cfg.val_files(), "validation") if "_val_bytes_" not in p.name]
+
+    @cached_property
+    def train_files(self) -> list[Path]:
+        return self._shards(self.cfg.train_files(), "training")
+
+    @cached_property
+    def val_tokens(self):
+        """The whole validation stream (uint16 numpy), every shard in order, as `pgolf eval` reads it."""
+        import numpy as np
+
+        from pgolf.data.shards import read_shard
+
+        return np.concatenate([read_shard(f) for f in self.val_files])
+
+    def val_prefix(self, seq_len: int):
+        """A prefix of the stream for the probes (int64 torch): enough for windows far from the start."""
+        import torch
+
+        n = min(len(self.val_tokens), max(64 * seq_len, 65_536) + 1)
+        return torch.from_numpy(self.val_tokens[:n].astype("int64"))
+
+    @property
+    def bos_id(self) -> int | None:
+        try:
+            return int(self.tokenizer.bos_id)
+        except Skip:
+            return None
+
+    @cached_property
+    def device(self):
+        import torch
+
+        return torch.device(self.opts.device)
+
+    @cached_property
+    def model(self):
+        if self.opts.model is not None:
+            return self.opts.model
+        from pgolf.eval.run import load_target
+        from pgolf.model.gpt import build_model
+
+        if not self.rd.artifact.exists():
+            raise Skip(f"no artifact {RunDir.ARTIFACT}: the run did not finish")
+        cfg, state, _, _ = load_target(str(self.dir), live=False)
+        model = build_model(cfg.model, self.device)
+        model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
+        return model
+
+    @property
+    def scored_targets(self) -> int | None:
+        scored = self.summary.get("val_tokens_scored")
+        if scored is None and ROUNDTRIP in self.receipts:
+            scored = self.receipts[ROUNDTRIP].get("total_targets")
+        return scored
+
+    @cached_property
+    def counted(self):
+        return counted_evaluations(self.receipts, self.scored_targets)
+
+    @cached_property
+    def modes(self) -> list[Mode]:
+        """The evaluations the run was scored with: each standard / sliding setting in its receipts,
+        and its TTT (the counted one, else the latest); with no receipts, the run's own protocol."""
+        modes: dict[tuple, Mode] = {}
+        ordered = sorted(self.receipts.items(), key=lambda kv: kv[0] != ROUNDTRIP)
+        for name, data in ordered:
+            s = data.get("settings") or {}
+            if data.get("kind") in ("standard", "sliding") and "seq_len" in s:
+                key = (data["kind"], s["seq_len"], s["stride"])
+                modes.setdefault(key, Mode(data["kind"], int(s["seq_len"]), int(s["stride"]), source=name))
+        ttt = self.counted.get("ttt")
+        latest = [(n, d) for n, d in sorted(self.receipts.items()) if d.get("kind") == "ttt"]
+        if ttt is not None or latest:
+            name, data = (ttt.name, ttt.data) if ttt is not None else latest[-1]
+            s = data.get("settings") or {}
+            if "seq_len" in s:
+                modes[("ttt",)] = Mode("ttt", int(s["seq_len"]), int(s["stride"]), s, name)
+        if not modes:
+            seq_len = self.cfg.train.train_seq_len
+            stride = min(self.cfg.train.eval_stride or seq_len, seq_len)
+            kind = "standard" if stride == seq_len else "sliding"
+            modes[(kind,)] = Mode(kind, seq_len, stride, source="the run's config (it has no receipts)")
+        return list(modes.values())
+
+
+# --- the run checks ----------------------------------------------------------------------------
+
+def check_causal(ctx: RunContext, mode: Mode) -> tuple[str, str]:
+    from pgolf.eval.probes import causal_probe, sample_windows, ttt_state_probe
+
+    tokens = ctx.val_prefix(mode.seq_len)
+    vocab = ctx.cfg.model.vocab_size
+    windows = sample_windows(tokens, mode.seq_len, mode.stride, ctx.bos_id, ctx.opts.windows, ctx.opts.seed)
+    result = causal_probe(ctx.model, tokens, windows, vocab, ctx.device, ctx.bos_id, ctx.opts.seed)
+    if not result.ok or mode.kind != "ttt":
+        return (PASS if result.ok else FAIL), result.detail
+    from pgolf.eval.ttt import TTTConfig
+
+    s = mode.ttt or {}
+    seq_len = min(mode.seq_len, TTT_PROBE_SEQ)
+    stride = min(mode.stride, seq_len)
+    given = {f.name: s[f.name] for f in dataclasses.fields(TTTConfig) if f.name in s}
+    tcfg = TTTConfig(**{**given, "chunk_tokens": 2 * seq_len})
+    luts = ctx.tokenizer.byte_luts(vocab).to_torch(ctx.device)
+    base = ctx.model
+    state = ttt_state_probe(lambda: copy.deepcopy(base), tokens[: 3 * tcfg.chunk_tokens + 1], luts, vocab, seq_len,
+                            stride, 64, tcfg, ctx.device, runner=ctx.opts.ttt_runner, seed=ctx.opts.seed)
+    detail = f"{result.detail}; {state.detail} (the {mode.source} settings, seq_len {seq_len})"
+    return (PASS if state.ok else FAIL), detail
+
+
+def check_normalized(ctx: RunContext) -> tuple[str, str]:
+    from pgolf.eval.probes import normalization_probe, sample_windows
+
+    mode = ctx.modes[0]
+    tokens = ctx.val_prefix(mode.seq_len)
+    windows = sample_windows(tokens, mode.seq_len, mode.stride, ctx.bos_id, ctx.opts.windows, ctx.opts.seed)
+    result = normalization_probe(ctx.model, tokens, windows, ctx.cfg.model.vocab_size, ctx.device)
+    return (PASS if result.ok else FAIL), result.detail
+
+
+def check_score_first(ctx: RunContext) -> tuple[str, str]:
+    from pgolf.eval.audit import AuditFailure, audit_file
+
+    if not ctx.receipts:
+        raise Skip("no receipts in receipts/: the run predates them or did not reach its roundtrip; its scores "
+                   "cannot be audited")
+    parts = []
+    for name in sorted(ctx.receipts, key=lambda n: n != ROUNDTRIP):
+        try:
+            report = audit_file(ctx.rd.receipts / name)
+        except AuditFailure as exc:
+            return FAIL, f"receipts/{name}: {exc}"
+        parts.append(f"{name} ({report.kind}" + (f", {report.updates} updates" if report.updates else "") + ")")
+    if ctx.finished and ROUNDTRIP not in ctx.receipts:
+        return FAIL, f"receipts/{ROUNDTRIP} is missing: the run's roundtrip score has no receipt"
+    return PASS, (f"{len(parts)} receipts pass `pgolf audit`: {', '.join(parts)}; every target scored exactly once, "
+                  "none by a state that had trained on it or on any later token")
+
+
+def _ledger_row(run_dir: Path) -> dict | None:
+    from pgolf.lab.ledger import LEDGER_NAME, Ledger
+
+    if not (run_dir.parent / LEDGER_NAME).exists():
+        return None
+    try:
+        return Ledger(run_dir.parent).get(run_dir.name)
+    except sqlite3.Error:
+        return None
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=1e-12)
+
+
+def check_single_pass(ctx: RunContext) -> tuple[str, str]:
+    if not ctx.receipts:
+        raise Skip("no receipts: which evaluation a score came from cannot be told")
+    counted = ctx.counted
+    rt = ctx.summary.get("roundtrip") or {}
+    parts = []
+    if ctx.finished:
+        if "roundtrip" not in counted:
+            return FAIL, f"the summary reports a roundtrip score but receipts/{ROUNDTRIP} is missing"
+        totals = counted["roundtrip"].data.get("totals") or {}
+        if not (_same(rt.get("val_bpb"), totals.get("val_bpb")) and _same(rt.get("val_loss"), totals.get("val_loss"))):
+            return FAIL, (f"summary.json reports val_bpb {rt.get('val_bpb')}, but the evaluation that counts, "
+                          f"receipts/{ROUNDTRIP}, scored {totals.get('val_bpb')}")
+        final = None
+        for final in FINAL_LINE.finditer(ctx.log):
+            pass
+        if final is not None and (final[1], final[2]) != (f"{rt['val_loss']:.8f}", f"{rt['val_bpb']:.8f}"):
+            return FAIL, f"train.log's last line ({final[0].strip()}) is not the roundtrip score summary.json reports"
+    for kind, c in counted.items():
+        what = f"{kind}: {c.name}"
+        if c.data.get("totals"):
+            what += f" counts (val_bpb {c.data['totals']['val_bpb']:.8f})"
+        if c.others:
+            what += (f", the {'roundtrip' if kind == 'roundtrip' else 'latest'} of {len(c.others) + 1} evaluations of "
+                     f"the split; not counted: {', '.join(c.others)}")
+        parts.append(what)
+    row = _ledger_row(ctx.dir)
+    for kind in EXTRA_KINDS:
+        reported = (row or {}).get(f"{kind}_val_bpb")
+        if reported is None:
+            continue
+        if kind not in counted:
+            return FAIL, (f"the ledger reports a {kind} val_bpb of {reported} but the run holds no {kind} receipt of "
+                          "its split: the number has no evaluation behind it here")
+        if not _same(reported, counted[kind].data["totals"]["val_bpb"]):
+            return FAIL, (f"the ledger reports {kind} val_bpb {reported}, but the evaluation that counts "
+                          f"({counted[kind].name}) scored {counted[kind].data['totals']['val_bpb']}: the reported "
+                          "number comes from another evaluation")
+    ignored = not_of_the_split(ctx.receipts, ctx.scored_targets)
+    if ignored:
+        parts.append(f"not evaluations of the split (prefix, live weights or other data), never counted: "
+                     f"{', '.join(ignored)}")
+    return PASS, "; ".join(parts) + ("; the summary, train.log and ledger report these" if ctx.finished else "")
+
+
+def check_bytes(ctx: RunContext) -> tuple[str, str]:
+    import numpy as np
+
+    from pgolf.data.shards import load_byte_sidecar
+    from pgolf.data.text_bytes import TextBytes, sidecar_val_bytes
+
+    if not ctx.receipts:
+        raise Skip("no receipts: no evaluation's byte counts to recount")
+    val = ctx.val_tokens
+    counter = TextBytes(val, ctx.tokenizer)
+    sidecar = None if ctx.cfg.data.byte_sidecar == "off" else load_byte_sidecar(ctx.val_files, len(val))
+    cumulative = None if sidecar is None else np.concatenate([[0], np.cumsum(sidecar.numpy()[1:], dtype=np.int64)])
+    source = ("the byte sidecars' counts (X_val_bytes_*.bin)" if sidecar is not None else
+              f"the UTF-8 length of the decoded validation text ({counter.documents:,} documents, split at BOS)")
+    cache: dict[int, int] = {}
+
+    def upto(c: int) -> int:
+        if cumulative is not None:
+            return int(cumulative[c])
+        if c not in cache:
+            cache[c] = counter.upto(c)
+        return cache[c]
+
+    ranges, checked, notes = 0, [], []
+    for name, data in sorted(ctx.receipts.items(), key=lambda kv: kv[0] != ROUNDTRIP):
+        if (data.get("info") or {}).get("data_dir") and not ctx.opts.data_dir:
+            notes.append(f"{name} scored other data ({data['info']['data_dir']}): not recounted")
+            continue
+        total = int(data.get("total_targets") or 0)
+        if total > len(val) - 1:
+            return FAIL, f"receipts/{name} scores {total:,} targets but the validation split has only {len(val) - 1:,}"
+        counted_bytes = 0
+        for e in data.get("events", []):
+            if e.get("type") != "score":
+                continue
+            lo, hi = int(e["lo"]), int(e["hi"])
+            want = upto(hi) - upto(lo)
+            if int(e["bytes"]) != want:
+                luts = ctx.tokenizer.byte_luts(ctx.cfg.model.vocab_size)
+                tables = luts.count_bytes(val[lo:hi], val[lo + 1: hi + 1])
+                what = "the byte sidecars count" if sidecar is not None else "their decoded text is"
+                return FAIL, (f"receipts/{name}: targets ({lo}, {hi}] are counted as {int(e['bytes']):,} bytes, but "
+                              f"{what} {want:,} UTF-8 bytes (off by {int(e['bytes']) - want:+,}; the tokenizer's "
+                              f"byte tables give {tables:,}): val_bpb is divided by the wrong byte count")
+            counted_bytes += want
+            ranges += 1
+        checked.append(f"{name} {counted_bytes:,}")
+    stated = sidecar_val_bytes(ctx.cfg.data.data_path)
+    side = ""
+    if stated is not None and sidecar is None:
+        whole = upto(len(val) - 1)
+        if whole != stated[0]:
+            return FAIL, (f"{stated[1]} states {stated[0]:,} validation bytes, but the split decodes to {whole:,} "
+                          "UTF-8 bytes")
+        side = f"; the whole split decodes to {whole:,} bytes, the total {Path(stated[1]).name} states"
+    return PASS, (f"{ranges} scored ranges in {len(checked)} receipts ({', '.join(checked)} bytes) equal {source}{side}"
+                  + ("; " + "; ".join(notes) if notes else ""))
+
+
+# Overlap reports by the exact files scanned (path, size, mtime): the seeds of one submission share
+# their data, and scanning the full export's training shards takes minutes.
+_OVERLAPS: dict[tuple, Any] = {}
+
+
+def check_provenance(ctx: RunContext) -> tuple[str, str]:
+    from pgolf.data.provenance import MIN_DOC_TOKENS, val_train_overlaps
+
+    bos = int(ctx.tokenizer.bos_id)
+    key = (bos, *((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in ctx.val_files + ctx.train_files))
+    if key not in _OVERLAPS:
+        _OVERLAPS[key] = val_train_overlaps(ctx.val_files, ctx.train_files, bos)
+    report = _OVERLAPS[key]
+    where = (f"{report.train_docs:,} training documents ({report.train_tokens:,} tokens in {len(ctx.train_files)} "
+             f"shard{'s' * (len(ctx.train_files) > 1)})")
+    if report.overlaps:
+        shown = "; ".join(f"val document {o.val_doc} ({o.tokens:,} tokens) at token {o.offset:,} of {o.train_file}"
+                          for o in report.overlaps[:5])
+        more = f" and {len(report.overlaps) - 5} more" if len(report.overlaps) > 5 else ""
+        return FAIL, (f"{len(report.overlaps)} of the {report.val_docs:,} validation documents appear among the "
+                      f"{where}: {shown}{more}")
+    short = (f"; {len(report.short)} documents shorter than {MIN_DOC_TOKENS} tokens occur in both (not counted)"
+             if report.short else "")
+    return PASS, (f"none of the {report.val_docs:,} validation documents appears among the {where}, each document "
+                  f"hashed whole at BOS{short}")
+
+
+def check_val_split(ctx: RunContext) -> tuple[str, str]:
+    import numpy as np
+
+    from pgolf.data.provenance import expected_val_docs
+
+    ctx.val_files  # noqa: B018 - no shards here is a SKIP saying so
+    expected = expected_val_docs(ctx.cfg.data.data_path)
+    if expected is None:
+        raise Skip(f"{ctx.cfg.data.data_path} is no named dataset variant (fineweb10B_<variant>, or a synthetic corpus "
+                   "with its synthetic.json): no expected document count to compare with")
+    have = int(np.count_nonzero(ctx.val_tokens == ctx.tokenizer.bos_id))
+    if have != expected[0]:
+        return FAIL, f"the validation split holds {have:,} documents, but {expected[1]} says {expected[0]:,}"
+    return PASS, f"the validation split holds {have:,} documents, as {expected[1]} says"
+
+
+def check_train_budget(ctx: RunContext) -> tuple[str, str]:
+    if not ctx.finished:
+        raise Skip(f"the run did not finish (status {ctx.summary.get('status', 'unknown')})")
+    cap = ctx.cfg.train.max_wallclock_seconds
+    train_s = ctx.summary["train_time_ms"] / 1000
+    budget = f" of the {cap:g} s budget" if cap > 0 else "; no wall-clock budget: train.max_wallclock_seconds=0"
+    e = ctx.cfg.export
+    if not (e.gptq or e.allocate):
+        return PASS, (f"training data read only by the training loop ({ctx.summary.get('steps')} steps, "
+                      f"{train_s:.1f} s{budget}); the export calibrates on nothing")
+    cal = ctx.summary.get("calibration")
+    if cal is None:
+        raise Skip("the export calibrated (GPTQ or the allocator) but summary.json has no calibration record: the run "
+                   "predates it")
+    logged = "calibration: " in ctx.log
+    stamp = "" if logged else "; train.log has no calibration line"
+    if cal.get("source") == "self_generated":
+        return PASS, (f"the export calibrated on self-generated sequences ({cal['seconds']:.2f} s): no training "
+                      f"data{stamp}")
+    if cap <= 0:
+        raise Skip(f"the export's calibration read training data ({cal.get('source')}, {cal['seconds']:.2f} s) but the "
+                   "run has no wall-clock budget to place it in (train.max_wallclock_seconds=0: a non-record run)")
+    used = train_s + float(cal["seconds"])
+    after = used > cap
+    numbers = f"training {train_s:.1f} s + calibration {float(cal['seconds']):.2f} s = {used:.1f} s"
+    if cal.get("training_data_after_budget") not in (None, after):
+        return FAIL, (f"summary.json says training data after the budget: {cal.get('training_data_after_budget')}, but "
+                      f"its own numbers say {after}: {numbers} against {cap:g} s")
+    if after:
+        return FAIL, (f"the export's calibration ({cal.get('source')}) read training data past the {cap:g} s budget: "
+                      f"{numbers}{stamp}")
+    return PASS, (f"the export's calibration ({cal.get('source')}) read training data inside the {cap:g} s budget: "
+                  f"{numbers} (reserve {float(cal.get('reserve_seconds', 0)):.1f} s, {cal.get('reserve')}){stamp}")
+
+
+@contextlib.contextmanager
+def traced_shard_reads():
+    """Every shard file read (pgolf.data.shards.read_shard, the one reader of shards) while inside."""
+    import pgolf.data.shards as shards
+
+    original, seen = shards.read_shard, []
+
+    def traced(path, *args, **kwargs):
+        seen.append(Path(path).resolve())
+        return original(path, *args, **kwargs)
+
+    shards.read_shard = traced
+    try:
+        yield seen
+    finally:
+        shards.read_shard = original
+
+
+def check_eval_data(ctx: RunContext) -> tuple[str, str]:
+    from pgolf.eval.run import EvalOptions, run_eval
+    from pgolf.eval.ttt import TTTConfig
+
+    val = {p.resolve() for p in ctx.val_files}
+    try:
+        train = {p.resolve() for p in ctx.train_files}
+    except Skip:
+        train = set()
+    both = sorted(val & train)
+    if both:
+        return FAIL, (f"the validation pattern {ctx.cfg.data.val_pattern} also matches training shards: "
+                      f"{', '.join(p.name for p in both)}")
+    if not ctx.rd.artifact.exists():
+        raise Skip(f"no artifact {RunDir.ARTIFACT} to evaluate: the run did not finish")
+    ctx.tokenizer  # noqa: B018 - a tokenizer missing here is a SKIP, not an evaluation error
+    seq_len = ctx.cfg.train.train_seq_len
+    kinds = ["standard/sliding"] + (["TTT"] if any(m.kind == "ttt" for m in ctx.modes) else [])
+    with tempfile.TemporaryDirectory() as tmp, traced_shard_reads() as seen:
+        for i, kind in enumerate(kinds):
+            ttt = TTTConfig(chunk_tokens=max(seq_len // 2, 1), epochs=1) if kind == "TTT" else None
+            opts = EvalOptions(max_tokens=1, ttt=ttt, data_dir=ctx.opts.data_dir, device=ctx.opts.device,
+                               compile="off", receipt_path=str(Path(tmp) / f"receipt-{i}.json"))
+            run_eval(str(ctx.dir), opts, log=lambda *_: None)
+    read = sorted(set(seen))
+    leaked = [p for p in read if p in train]
+    if leaked:
+        return FAIL, f"the evaluation read training data: {', '.join(p.name for p in leaked)}"
+    other = [p.name for p in read if p not in val]
+    names = ", ".join(p.name for p in read if p in val)
+    return PASS, (f"`pgolf eval` traced on a prefix ({' and '.join(kinds)}): it read {names} only"
+                  + (f" and {', '.join(other)}" if other else "") + f", none of the {len(train)} training shards; "
+                  "the validation and training patterns match disjoint files")
+
+
+def built_bundle(config: dict, code_description: str) -> bytes:
+    """train_gpt.py as `pgolf submit` would ship it for this config (packed as the run counted it)."""
+    from pgolf.train.bundle import build_bundle, bundle_modules, compressor_of
+
+    return build_bundle(config, bundle_modules(config), compressor_of(code_description))
+
+
+def check_artifact(ctx: RunContext) -> tuple[str, str]:
+    from pgolf.compress.container import read_artifact
+
+    size = ctx.summary.get("size") or {}
+    if not ctx.rd.artifact.exists():
+        if ctx.finished:
+            return FAIL, f"the run finished but its artifact {RunDir.ARTIFACT} is missing"
+        raise Skip("the run did not finish: it has no artifact")
+    data = ctx.rd.artifact.read_bytes()
+    model_bytes = len(data)
+    recorded = size.get("artifact_sha256")
+    digest = hashlib.sha256(data).hexdigest()
+    if recorded is not None and digest != recorded:
+        return FAIL, (f"{RunDir.ARTIFACT} has sha256 {digest[:16]}.., not the {recorded[:16]}.. the run recorded at "
+                      "export")
+    if size.get("model_bytes") not in (None, model_bytes):
+        return FAIL, f"{RunDir.ARTIFACT} is {model_bytes:,} bytes but the run accounted {size['model_bytes']:,}"
+    try:
+        read_artifact(ctx.rd.artifact)
+    except (OSError, ValueError) as exc:
+        return FAIL, f"{RunDir.ARTIFACT} does not read back: {exc}"
+    description = str(size.get("code_description", ""))
+    bundle = ctx.opts.bundle if ctx.opts.bundle is not None else built_bundle(ctx.config_dict, description)
+    code = len(bundle)
+    built = hashlib.sha256(bundle).hexdigest()[:16]
+    counted = SHA.search(description)
+    total = model_bytes + code
+    if size.get("code_bytes") is None or counted is None:
+        if total > SIZE_CAP_BYTES:
+            return FAIL, f"{RunDir.ARTIFACT} {model_bytes:,} + train_gpt.py {code:,} = {total:,} bytes, over the cap"
+        raise Skip(f"summary.json records no counted code (bytes and sha256); recomputed: {model_bytes:,} + {code:,} = "
+                   f"{total:,} bytes")
+    if size["code_bytes"] != code or counted[1] != built:
+        return FAIL, (f"the run counted {size['code_bytes']:,} code bytes (sha256:{counted[1]}) but the train_gpt.py "
+                      f"built now is {code:,} bytes (sha256:{built}): the shipped code is not the counted code (the "
+                      "pgolf code changed since the run; run it again with this pgolf)")
+    if total > SIZE_CAP_BYTES:
+        return FAIL, (f"{RunDir.ARTIFACT} {model_bytes:,} + train_gpt.py {code:,} = {total:,} bytes, over the "
+                      f"{SIZE_CAP_BYTES:,}-byte cap by {total - SIZE_CAP_BYTES:,}")
+    return PASS, (f"{RunDir.ARTIFACT} {model_bytes:,} + train_gpt.py {code:,} = {total:,} <= {SIZE_CAP_BYTES:,} bytes, "
+                  f"recomputed from the files; train_gpt.py built now is the code the run counted (sha256:{built})"
+                  + ("" if recorded else "; the run predates recorded artifact digests"))
+
+
+def _row(key: str, label: str, fn: Callable[[], tuple[str, str]], opts: CheckOptions, target: str = "") -> Row:
+    if key in opts.skip:
+        return Row(key, label, SKIP, "skipped (--skip)", target)
+    try:
+        status, detail = fn()
+    except Skip as exc:
+        return Row(key, label, SKIP, str(exc), target)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        return Row(key, label, FAIL, f"could not be checked: {type(exc).__name__}: {exc}", target)
+    return Row(key, label, status, detail, target)
+
+
+def check_run(run_dir: str | Path, opts: CheckOptions | None = None, target: str = "") -> list[Row]:
+    """Every check of one run directory, in KEYS order."""
+    opts = opts or CheckOptions()
+    ctx = RunContext(run_dir, opts)
+    rows = []
+    try:
+        modes = ctx.modes
+    except Skip as exc:
+        modes, rows = [], [Row("c1", "C1 causal", SKIP, str(exc), target)]
+    for mode in modes:
+        rows.append(_row("c1", f"C1 causal ({mode.label})", lambda m=mode: check_causal(ctx, m), opts, target))
+    rows += [
+        _row("c2", "C2 normalized", lambda: check_normalized(ctx), opts, target),
+        _row("c3", "C3 score before update", lambda: check_score_first(ctx), opts, target),
+        _row("c4", "C4 single pass", lambda: check_single_pass(ctx), opts, target),
+        _row("bytes", "byte accounting", lambda: check_bytes(ctx), opts, target),
+        _row("provenance", "data provenance", lambda: check_provenance(ctx), opts, target),
+        _row("val-split", "validation split", lambda: check_val_split(ctx), opts, target),
+        _row("train-budget", "phases: training budget", lambda: check_train_budget(ctx), opts, target),
+        _row("eval-data", "phases: evaluation data", lambda: check_eval_data(ctx), opts, target),
+        _row("artifact", "artifact", lambda: check_artifact(ctx), opts, target),
+    ]
+    return rows
+
+
+# --- a records folder (pgolf submit's output) --------------------------------------------------------
+
+SEED_LOG = re.compile(r"^train_seed(-?\d+)\.log$")
+
+
+def _last(pattern: re.Pattern, text: str):
+    match = None
+    for match in pattern.finditer(text):
+        pass
+    return match
+
+
+def check_submission(folder: str | Path, opts: CheckOptions | None = None) -> list[Row]:
+    """The checks a records folder's files allow (receipts, the reported numbers, code and sizes from
+    the logs), then the run checks of each seed's run directory found under opts.runs_dir."""
+    opts = opts or CheckOptions()
+    folder = Path(folder)
+    sub = read_json(folder / "submission.json")
+    seeds = [str(s) for s in sub.get("seeds", [])]
+    receipts: dict[str, dict[str, dict]] = {s: {} for s in seeds}
+    for path in sorted((folder / "receipts").glob("seed*_*.json")):
+        seed, _, name = path.name[len("seed"):].partition("_")
+        try:
+            receipts.setdefault(seed, {})[name] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            receipts.setdefault(seed, {})[name] = {}
+    logs = {s: (folder / f"train_seed{s}.log").read_text(encoding="utf-8", errors="replace")
+            if (folder / f"train_seed{s}.log").exists() else "" for s in seeds}
+
+    def score_first() -> tuple[str, str]:
+        from pgolf.eval.audit import AuditFailure, audit_file
+
+        files = sorted((folder / "receipts").glob("*.json"))
+        if not files:
+            raise Skip("the folder has no receipts/")
+        for path in files:
+            try:
+                audit_file(path)
+            except AuditFailure as exc:
+                return FAIL, f"receipts/{path.name}: {exc}"
+        missing = [s for s in seeds if ROUNDTRIP not in receipts.get(s, {})]
+        if missing:
+            return FAIL, f"seed {', '.join(missing)}: no roundtrip receipt (receipts/seed<S>_{ROUNDTRIP})"
+        return PASS, f"{len(files)} receipts pass `pgolf audit`"
+
+    def single_pass() -> tuple[str, str]:
+        results, parts, bpbs = sub.get("seed_results") or {}, [], []
+        for s in seeds:
+            rc, row = receipts.get(s, {}), results.get(s) or {}
+            if ROUNDTRIP not in rc:
+                raise Skip(f"seed {s} has no roundtrip receipt (C3 names it)")
+            scored = rc[ROUNDTRIP].get("total_targets")
+            counted = counted_evaluations(rc, scored)
+            bpb = counted["roundtrip"].data["totals"]["val_bpb"]
+            bpbs.append(bpb)
+            if row.get("val_bpb") != round(bpb, 8):
+                return FAIL, (f"seed {s}: submission.json reports val_bpb {row.get('val_bpb')}, its roundtrip "
+                              f"receipt {bpb}")
+            final = _last(FINAL_LINE, logs.get(s, ""))
+            if final is None or final[2] != f"{bpb:.8f}":
+                return FAIL, (f"seed {s}: train_seed{s}.log's last roundtrip line does not report the receipt's "
+                              f"{bpb:.8f}")
+            for kind in EXTRA_KINDS:
+                value = row.get(f"{kind}_val_bpb")
+                if value is None:
+                    continue
+                if kind not in counted:
+                    return FAIL, (f"seed {s}: submission.json reports a {kind} val_bpb but no {kind} receipt of the "
+                                  "split")
+                want = round(counted[kind].data["totals"]["val_bpb"], 8)
+                if value != want:
+                    return FAIL, (f"seed {s}: submission.json reports {kind} val_bpb {value}, but the evaluation that "
+                                  f"counts ({counted[kind].name}) scored {want}")
+                parts.append(f"seed {s} {kind}: {counted[kind].name}"
+                             + (f" (latest of {len(counted[kind].others) + 1})" if counted[kind].others else ""))
+        if bpbs and sub.get("val_bpb") != round(statistics.fmean(bpbs), 8):
+            return FAIL, (f"submission.json's val_bpb {sub.get('val_bpb')} is not the mean of the seeds' roundtrip "
+                          "receipts")
+        return PASS, ("each seed's val_bpb is its roundtrip receipt's and its log's last line; the claim is their mean"
+                      + ("; " + ", ".join(parts) if parts else ""))
+
+    def artifact() -> tuple[str, str]:
+        code_path = folder / "train_gpt.py"
+        if not code_path.is_file():
+            return FAIL, "the folder has no train_gpt.py"
+        code = code_path.read_bytes()
+        sha = hashlib.sha256(code).hexdigest()[:16]
+        models = []
+        for s in seeds:
+            model, counted = _last(MODEL_BYTES_LINE, logs.get(s, "")), _last(CODE_BYTES_LINE, logs.get(s, ""))
+            if model is None or counted is None:
+                raise Skip(f"train_seed{s}.log has no size lines (artifact model bytes / code bytes)")
+            digest = SHA.search(counted[2])
+            if int(counted[1].replace(",", "")) != len(code) or digest is None or digest[1] != sha:
+                what = digest[0] if digest else "no sha256"
+                return FAIL, (f"seed {s} counted {counted[1]} code bytes ({what}) but train_gpt.py is "
+                              f"{len(code):,} bytes (sha256:{sha}): the shipped code is not the counted code")
+            models.append(int(model[1].replace(",", "")))
+        if not models:
+            raise Skip("no seeds")
+        total = max(models) + len(code)
+        if sub.get("bytes_total") != total:
+            return FAIL, f"submission.json's bytes_total {sub.get('bytes_total')} is not the logs' {total:,}"
+        if total > SIZE_CAP_BYTES:
+            return FAIL, f"largest artifact {max(models):,} + code {len(code):,} = {total:,} bytes, over the cap"
+        return PASS, (f"largest artifact {max(models):,} + train_gpt.py {len(code):,} = {total:,} <= "
+                      f"{SIZE_CAP_BYTES:,} bytes (from the logs and the file); every seed counted this train_gpt.py "
+                      f"(sha256:{sha})")
+
+    rows = [_row("c3", "C3 score before update", score_first, opts),
+            _row("c4", "C4 single pass", single_pass, opts),
+            _row("artifact", "artifact", artifact, opts)]
+    for s in seeds:
+        run_id = ((sub.get("seed_results") or {}).get(s) or {}).get("run_id", "")
+        run_dir = Path(opts.runs_dir) / run_id
+        if run_id and RunDir(run_dir).is_run():
+            rows += check_run(run_dir, opts, target=f"seed {s}")
+        else:
+            rows.append(Row("c1", "run checks", SKIP, f"the run directory {run_dir} is not here (pass --runs-dir): C1, "
+                                                      "C2, bytes, provenance and the phases need the run", f"seed {s}"))
+    return rows
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def check_target(target: str | Path, opts: CheckOptions | None = None) -> list[Row]:
+    path = Path(target)
+    if RunDir(path).is_run():
+        return check_run(path, opts)
+    if (path / "submission.json").is_file():
+        return check_submission(path, opts)
+    raise FileNotFoundError(f"{target} is neither a run directory ({RunDir.CONFIG}) nor a records folder "
+                            "(submission.json)")
+
+
+def failed(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if r.status == FAIL]
+
+
+def render(rows: list[Row], target: str) -> str:
+    width = max(len((f"{r.target}: " if r.target else "") + r.check) for r in rows)
+    lines = [f"pgolf check {target}"]
+    for r in rows:
+        name = (f"{r.target}: " if r.target else "") + r.check
+        lines.append(f"{r.status}  {name:<{width}}  {r.detail}")
+    counts = {s: sum(r.status == s for r in rows) for s in (PASS, FAIL, SKIP)}
+    verdict = FAIL if counts[FAIL] else PASS
+    lines.append(f"result: {verdict} ({counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped)")
+    return "\n".join(lines)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pgolf.config import ConfigError
+
+    skip = tuple(k.strip() for k in (args.skip or "").split(",") if k.strip())
+    unknown = [k for k in skip if k not in KEYS]
+    if unknown:
+        raise ConfigError(f"--skip {', '.join(unknown)}: the checks are {', '.join(KEYS)}")
+    if args.windows < 1:
+        raise ConfigError(f"--windows must be at least 1 (evaluation windows per probe), got {args.windows}")
+    opts = CheckOptions(device=args.device, windows=args.windows, seed=args.seed, data_dir=args.data,
+                        runs_dir=args.runs_dir, skip=skip)
+    rows = check_target(args.target, opts)
+    if args.json:
+        print(json.dumps({"target": args.target, "ok": not failed(rows), "rows": [r.to_dict() for r in rows]},
+                         indent=2))
+    else:
+        print(render(rows, args.target))
+    return EXIT_FAILED if failed(rows) else EXIT_OK
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("check", help="legality (causal, normalized, score-first, single pass), bytes, data "
+                                            "provenance, compute phases and size of a run or records folder")
+    p.add_argument("target", help="a run directory (runs/<id>) or a records folder written by `pgolf submit`")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the probes run (default cpu)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="shards (fineweb_val_*/fineweb_train_*) and tokenizer from DIR instead of the run's")
+    p.add_argument("--runs-dir", default="runs", help="where a records folder's seed runs are (default runs)")
+    p.add_argument("--windows", type=int, default=3, help="evaluation windows each probe samples (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="the probes' sampling seed (default 0)")
+    p.add_argument("--skip", default=None, metavar="KEYS", help=f"comma list of checks not to run: {', '.join(KEYS)}")
+    p.set_defaults(handler=cmd_check)
