@@ -342,7 +342,10 @@ class Check:
         at the plan's sizes, logging every step, extra last."""
         s = self.sizes
         base, _ = resolve_config(preset, self.data_overrides, env={})
-        overrides = [*self.data_overrides, *(tiny_model_overrides(base) if self.args.dry_run else []), *s.shape,
+        # A CaseOps preset (pr1855) on the check's plain shards (no byte sidecars): smoked without CaseOps.
+        plain = base.data.caseops and not any(Path(base.data.data_path).glob("fineweb_val_bytes_*.bin"))
+        overrides = [*self.data_overrides, *(["data.caseops=false"] if plain else []),
+                     *(tiny_model_overrides(base) if self.args.dry_run else []), *s.shape,
                      f"train.device={s.device}", f"train.compile={s.compile}", f"train.warmup_steps={s.warmup}",
                      f"train.iterations={iterations if iterations is not None else s.skip + s.steps}",
                      "train.train_log_every=1", "train.val_loss_every=0", "train.max_wallclock_seconds=0",

@@ -100,6 +100,7 @@ NUMERIC_RULES: dict[str, Range] = {
     "model.attn_gate_scale": positive(),
     "model.smear_dims": COUNT,
     "model.bos_id": at_least(0),
+    "model.max_span": at_least(0, "0: no cap"),
     "model.loop_start": at_least(0),
     "model.loop_end": at_least(0),
     "model.loop_passes": COUNT,

@@ -58,6 +58,7 @@ CAPABILITIES = frozenset({
     "qat", "ema", "swa",  # training callbacks: qat.*, ema.*, swa.*
     "sliding_eval", "ttt",  # train.eval_stride, pgolf eval --stride / --ttt
     "caseops", "byte_sidecar",  # data.caseops, data.byte_sidecar
+    "doc_mask", "doc_packing",  # model.doc_mask (+ model.max_span), data.doc_packing
 })
 
 

@@ -26,3 +26,6 @@ class DataConfig:
     # The shards hold CaseOps text (`pgolf data tokenize --caseops`, the 1.06108 record's data):
     # the tokenizer must carry the operators and the val bytes must come from the sidecars.
     caseops: bool = False
+    # #1855's document-packing loader: each training step's chunk lies inside one shard, a shard
+    # is read from its first model.bos_id token on and its tail too short for a step is skipped.
+    doc_packing: bool = False

@@ -164,13 +164,18 @@ class TokenStream:
     Deterministic by construction: the token sequence depends only on the file list,
     and ``state_dict`` captures (file, offset) so a resumed run continues at the
     exact next token.
+
+    With ``bos_id`` (data.doc_packing, #1855's loader) each ``take`` lies inside one shard: a
+    shard is read from its first ``bos_id`` token on, and a shard tail too short for the
+    request is skipped (shards still wrap).
     """
 
     def __init__(self, files: str | os.PathLike | Sequence[str | os.PathLike], *, mmap: bool = False,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, bos_id: int | None = None):
         self.files = _as_files(files)
         self.mmap = mmap
         self.vocab_size = vocab_size
+        self.bos_id = bos_id
         self._load(0)
 
     def _load(self, index: int) -> None:
@@ -179,11 +184,16 @@ class TokenStream:
         if self.vocab_size is not None:
             check_token_range(self.tokens, self.vocab_size, self.files[index])
         self.position = 0
+        if self.bos_id is not None:  # doc packing: from the shard's first document start (none: skip it)
+            first = np.flatnonzero(np.asarray(self.tokens) == self.bos_id)[:1]
+            self.position = int(first[0]) if first.size else self.tokens.size
 
     def take(self, n: int) -> np.ndarray:
         """Next ``n`` tokens as a uint16 array, crossing (and wrapping) files as needed."""
         if n < 0:
             raise ValueError(f"cannot take a negative number of tokens ({n})")
+        if self.bos_id is not None:
+            return self._take_packed(n)
         parts: list[np.ndarray] = []
         remaining = n
         empty_in_a_row = 0
@@ -203,6 +213,15 @@ class TokenStream:
         if not parts:
             return np.empty(0, dtype=np.uint16)
         return np.asarray(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+
+    def _take_packed(self, n: int) -> np.ndarray:
+        for _ in range(len(self.files) + 1):
+            if self.position + n <= self.tokens.size:
+                self.position += n
+                return np.asarray(self.tokens[self.position - n: self.position])
+            self._load((self.file_index + 1) % len(self.files))
+        raise ValueError(f"data.doc_packing: no training shard holds {n} tokens from its first BOS (id {self.bos_id}) "
+                         "on; lower train.train_batch_tokens or set data.doc_packing=false")
 
     def state_dict(self) -> dict:
         return {
@@ -255,12 +274,13 @@ class DistributedTokenLoader:
         vocab_size: int | None = None,
         prefetch: bool = False,
         pin_memory: bool | None = None,
+        bos_id: int | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.stream = TokenStream(files, vocab_size=vocab_size)
+        self.stream = TokenStream(files, vocab_size=vocab_size, bos_id=bos_id)  # bos_id: doc packing
         self.prefetch = prefetch
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         if self.pin_memory and self.device.type != "cuda":

@@ -1,6 +1,6 @@
 """Attention ("gqa", the official) and its position encoding ("rope"), with #549's switches:
 exclusive self-attention (model.xsa_layers) and partial, fp32 or length-rescaled RoPE; and
-#1855's per-head output gate (model.attn_gate_dims)."""
+#1855's per-head output gate (model.attn_gate_dims) and document-masked attention (model.doc_mask)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ from pgolf.model.embed import VALUE_EMBED, value_embed_layers
 from pgolf.model.layers import CastedLinear, rms_norm
 from pgolf.model.registry import ATTENTIONS, POSITIONS
 from pgolf.model.roles import Role, tag
+
+try:  # CUDA's document-masked kernel (torch >= 2.5); without it CUDA takes the masked SDPA path
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover
+    create_block_mask = flex_attention = None
+
+DOC_MASK = "doc_mask"  # extras key: the forward's document mask (document_mask), with model.doc_mask
 
 
 def inverse_frequencies(dims: int, base: float, device: torch.device | None = None) -> Tensor:
@@ -80,6 +87,34 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return (y - (y * direction).sum(-1, keepdim=True) * direction).reshape(b, h, t, d)
 
 
+def document_segments(input_ids: Tensor, bos_id: int, max_span: int = 0) -> Tensor:
+    """(B, T) segment index of each position, as #1855's cu_seqlens: a segment starts at each row's
+    first position, at every bos_id token and, with max_span > 0, every max_span positions after
+    a document's start (fixed segments, not a sliding window)."""
+    pos = torch.arange(input_ids.size(1), device=input_ids.device)
+    starts = input_ids == bos_id
+    starts[:, 0] = True
+    if max_span:
+        doc_start = torch.where(starts, pos, 0).cummax(dim=1).values
+        starts = starts | ((pos - doc_start) % max_span == 0)
+    return starts.cumsum(dim=1)
+
+
+def document_mask(input_ids: Tensor, bos_id: int, max_span: int = 0, flex: bool | None = None):
+    """Causal attention within segments (document_segments), built once per forward: a flex
+    BlockMask (flex None: on CUDA when flex_attention exists; not yet run on a GPU), else a
+    boolean (B, 1, T, T) SDPA mask (True: may attend)."""
+    seg = document_segments(input_ids, bos_id, max_span)
+    batch, t = seg.shape
+    if (input_ids.is_cuda and create_block_mask is not None) if flex is None else flex:
+        def same_segment(b, h, q, k):
+            return (seg[b, q] == seg[b, k]) & (k <= q)
+
+        return create_block_mask(same_segment, batch, None, t, t, device=seg.device)
+    causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
 @ATTENTIONS.register("gqa")
 class CausalSelfAttention(nn.Module):
     """Causal attention with grouped K/V heads (num_kv_heads <= num_heads), RMS-normed Q and K
@@ -88,7 +123,8 @@ class CausalSelfAttention(nn.Module):
     the value embedding (extras, pgolf.model.embed) times its own scalar to the values; in
     model.xsa_layers it removes each output's self-value component (exclude_self_value). With
     model.attn_gate_dims = k > 0, head h's output is then scaled by sigmoid(attn_gate_scale *
-    gate[h] . x[:k]), from its own token's input x; the gate starts at 0 (a factor 1/2)."""
+    gate[h] . x[:k]), from its own token's input x; the gate starts at 0 (a factor 1/2). With
+    model.doc_mask, extras[DOC_MASK] (built by the GPT) keeps attention inside each document."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -124,9 +160,14 @@ class CausalSelfAttention(nn.Module):
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.position(rms_norm(q), rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        gqa = self.num_kv_heads != self.num_heads
+        mask = extras.get(DOC_MASK) if extras else None
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(mask, Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
         if self.xsa:
             y = exclude_self_value(y, v)
         if self.gate is not None:
@@ -148,6 +189,12 @@ def attention_problems(cfg: ModelConfig) -> list[str]:
     elif cfg.rope_ref_len and (cfg.rope_dims or head_dim) <= 2:
         problems.append("model.rope_ref_len scales the base by (length / ref)^(d / (d - 2)): it needs more than 2 "
                         "rotated dims (model.rope_dims)")
+    if cfg.max_span and not cfg.doc_mask:
+        problems.append(f"model.max_span={cfg.max_span} caps document-masked attention: set model.doc_mask=true, "
+                        "or model.max_span=0")
+    if cfg.doc_mask and (cfg.attention != "gqa" or cfg.bos_id >= cfg.vocab_size):
+        problems.append(f"model.doc_mask needs model.attention=gqa and model.bos_id below model.vocab_size="
+                        f"{cfg.vocab_size}, got '{cfg.attention}' and {cfg.bos_id}")
     if cfg.position != "rope" and (cfg.rope_dims or cfg.rope_fp32 or cfg.rope_ref_len):
         problems.append("model.rope_dims, model.rope_fp32 and model.rope_ref_len apply only to model.position=rope")
     return problems

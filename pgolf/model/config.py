@@ -42,7 +42,9 @@ class ModelConfig:
     attn_gate_dims: int = 0  # > 0: per-head output gate on attention, read from this many input dims
     attn_gate_scale: float = 0.5  # the gate's pre-sigmoid scale
     smear_dims: int = 12  # embed=smear_bos: dims of the token's embedding its gate reads
-    bos_id: int = 1  # embed=smear_bos: the token that starts a document (nothing smears into it)
+    bos_id: int = 1  # the token that starts a document (embed=smear_bos: nothing smears into it; doc_mask)
+    doc_mask: bool = False  # attention never crosses a bos_id token (#1855's varlen attention)
+    max_span: int = 0  # doc_mask: segments of at most this many positions inside a document (#1855: 2048); 0: no cap
     # Block layout: unet | recurrence | middle_cycle | loop; auto: from model.recurrence and model.cycle_*
     layout: str = "auto"
     # layout=loop: blocks loop_start..loop_end (inclusive) run loop_passes times in a row; the

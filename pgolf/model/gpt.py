@@ -33,7 +33,7 @@ from pgolf.model.roles import ROLE_TABLE, Role, param_roles, tag
 # entries, and import statements are what the submission bundler follows (pgolf.model.registry).
 # The names are re-exported too, for the import paths other modules use.
 from pgolf.model.attention import CausalSelfAttention, Rotary, apply_rotary  # noqa: F401  "gqa", "rope"
-from pgolf.model.attention import attention_problems
+from pgolf.model.attention import DOC_MASK, attention_problems, document_mask
 from pgolf.model.embed import embed_problems  # "bigram", "smear", "smear_bos", "value_embed"
 from pgolf.model.layout import BlockSchedule, cycle_enabled  # noqa: F401  "unet", "recurrence", "middle_cycle", "loop"
 from pgolf.model.mlp import MLP, MLP_VARIANTS, MLPVariant, gated_hidden_size, mlp_hidden_size  # noqa: F401
@@ -142,6 +142,8 @@ class GPT(nn.Module):
         extras: dict[str, Tensor] = {}
         for addon in self.stream_addons:
             extras.update(addon(input_ids, x0))
+        if self.cfg.doc_mask:  # attention stays inside each document (pgolf.model.attention)
+            extras[DOC_MASK] = document_mask(input_ids, self.cfg.bos_id, self.cfg.max_span)
         schedule = self.schedule if self.looping or self.schedule.unlooped is None else self.schedule.unlooped
         for i in schedule.plain:
             x = self.blocks[i](x, x0, extras)

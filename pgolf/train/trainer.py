@@ -164,7 +164,8 @@ class Trainer:
             self.optimizers.muon.orthogonalize = torch.compile(orthogonalize)
         self.loader = DistributedTokenLoader(data.train_files, info.rank, info.world_size, info.device,
                                              vocab_size=cfg.model.vocab_size,
-                                             prefetch=resolve_switch(cfg.data.prefetch, info.device.type == "cuda"))
+                                             prefetch=resolve_switch(cfg.data.prefetch, info.device.type == "cuda"),
+                                             bos_id=cfg.model.bos_id if cfg.data.doc_packing else None)
         self.step = 0
         self.training_time_ms = 0.0
         self.callbacks = build_callbacks(cfg)  # QAT, EMA, ...: pgolf.train.callbacks

@@ -48,9 +48,16 @@ EXPECTED_PARAMS = {
     # Seed 001 on the #549 stack: #549 with SwiGLU (gate, up, proj of 512 x 1152) in its blocks.
     "seed_recurrence_swiglu": 1024 * 512 + 11 * (attention(512, 4, 8) + 3 * 512 * 1152 + controls(512, 8))
                               + 5 * 512 + (1536 * 128 + 512 * 128 + 1) + 512 + (1024 * 128 + 256 * 128 + 1 + 2),
+    # #1855: 8192-token tied embedding; per layer attention, MLP 4x (fc, proj of 512 x 2048), controls
+    # and the sparse attention gate (8 heads x 12 dims); 8 skip weights and 8 skip gates of 512 (17
+    # applications: 8 encoder, 9 decoder); the two lanes' mixes for every layer (resid 2, post 2 x 2);
+    # the BOS-masked SmearGate (12 gate weights + lambda).
+    "pr1855": 8192 * 512 + 11 * (attention(512, 4, 8) + 2 * 512 * 2048 + controls(512, 8) + 8 * 12)
+              + 8 * 512 + 8 * 512 + 11 * (2 + 2 * 2) + (12 + 1),
 }
 # (unique, effective) depth
-EXPECTED_DEPTH = {"seed_recurrence_swiglu": (11, 22), "seed_recurrence_swiglu_baseline": (11, 22), "seed_swiglu_576x7": (7, 7), "baseline": (9, 9)}
+EXPECTED_DEPTH = {"pr1855": (11, 17),  # 17 block applications with the loop on
+                  "seed_recurrence_swiglu": (11, 22), "seed_recurrence_swiglu_baseline": (11, 22), "seed_swiglu_576x7": (7, 7), "baseline": (9, 9)}
 
 
 def test_hand_arithmetic_matches_known_totals():
@@ -59,6 +66,7 @@ def test_hand_arithmetic_matches_known_totals():
     assert EXPECTED_PARAMS["seed_recurrence_swiglu_baseline"] == 21_971_960
     assert EXPECTED_PARAMS["ablation_relu2"] == 26_497_096
     assert EXPECTED_PARAMS["pr549"] == 26_928_220  # what #549's log reports
+    assert EXPECTED_PARAMS["pr1855"] == 35_945_671  # what #1855's README and logs report
 
 
 def test_every_preset_has_a_hand_computed_count():
@@ -144,6 +152,36 @@ def test_pr549_preset_is_the_record_recipe():
     assert (e.scheme, e.clip_rule, e.controls, e.compressor) == ("int6", "percentile", "fp16", "lzma6")
 
 
+def test_pr1855_preset_is_the_record_recipe():
+    cfg, _ = resolve_config("pr1855", [], env={})
+    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+    assert (m.vocab_size, m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp, m.mlp_slope, m.mlp_mult) == \
+        (8192, 11, 512, 8, 4, "leaky_relu2", 0.5, 4)
+    assert (m.tie_embeddings, m.tied_embed_init_std, m.logit_softcap, m.qk_gain_init) == (True, 0.005, 30.0, 5.0)
+    assert (m.xsa_layers, m.rope_dims, m.rope_fp32, m.rope_ref_len, m.ln_scale, m.init) == \
+        (list(range(11)), 16, True, 0, True, "orthogonal")
+    assert (m.layout, m.loop_start, m.loop_end, m.loop_passes, m.loop_start_frac) == ("loop", 3, 5, 3, 0.35)
+    assert (m.skip_gates, m.parallel_from, m.attn_gate_dims, m.attn_gate_scale) == (True, 8, 12, 0.5)
+    assert (m.embed, m.smear_dims, m.bos_id, m.post_norm, m.stream) == (["smear_bos"], 12, 1, [], [])
+    assert d.caseops and d.data_path.endswith("fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
+    assert (t.train_seq_len, t.train_batch_tokens, t.max_wallclock_seconds, t.warmup_steps) == \
+        (2048, 786_432, 600.0, 20)
+    assert (t.warmdown_frac, t.min_lr, t.eval_stride, t.grad_clip_norm, t.grad_clip_mode) == \
+        (0.85, 0.1, 0, 0.3, "per_rank")
+    assert (o.matrix_lr, o.scalar_lr, o.tied_embed_lr, o.muon_momentum, o.muon_momentum_warmup_start,
+            o.muon_momentum_warmup_steps, o.muon_backend_steps) == (0.026, 0.02, 0.03, 0.97, 0.92, 1500, 5)
+    assert (o.muon_ns, o.muon_row_norm, o.muon_wd, o.adam_wd, o.embed_wd) == ("polar_express", True, 0.095, 0.02, 0.085)
+    assert (o.beta1, o.beta2, o.adam_eps, o.parallel_muon, o.parallel_muon_bf16) == (0.9, 0.99, 1e-8, "auto", True)
+    assert cfg.ema.enabled and cfg.ema.decay == 0.9965
+    e = cfg.export
+    assert (e.scheme, e.controls, e.compressor, e.gptq, e.gptq_act_order) == ("int6", "fp16", "lzma", True, True)
+    bits = policy_bits(effective_policy(e))
+    assert bits("tok_emb.weight") == 7
+    with torch.device("meta"):
+        model = GPT(m)
+    assert model.looping  # built looping (as evaluation and export see it); training starts it at 35 %
+
+
 # ----------------------------------------------------------------------------------------
 # requires = [...]
 # ----------------------------------------------------------------------------------------
@@ -195,6 +233,7 @@ CAPABILITY_SWITCHES = {
              "model.loop_start_frac=0.35"],
     "skip_gates": ["model.skip_gates=true"], "parallel_residual": ["model.parallel_from=5"],
     "attn_gate": ["model.attn_gate_dims=12"], "smear_bos": ["model.embed=smear_bos"],
+    "doc_mask": ["model.doc_mask=true", "model.max_span=2048"], "doc_packing": ["data.doc_packing=true"],
 }
 
 

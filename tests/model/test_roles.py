@@ -69,12 +69,14 @@ def test_every_parameter_has_the_role_the_name_patterns_gave(model_of):
     model = model_of()
     roles = param_roles(model)
     assert list(roles) == [name for name, _ in model.named_parameters()]  # same names, same order
-    # The name patterns predate the add-ons (their roles: tests/model/test_embed.py).
-    legacy = {name: role for name, role in roles.items() if not name.startswith(ADDON_PREFIXES)
-              and not name.endswith(".ve_scale")}
+    # The name patterns predate the add-ons (their roles: tests/model/test_embed.py) and #1855's
+    # gates (skip gates, attention output gates: Role.GATE).
+    def newer(name: str) -> bool:
+        return name.startswith(ADDON_PREFIXES) or name.endswith(".ve_scale") or roles[name] is Role.GATE
+
+    legacy = {name: role for name, role in roles.items() if not newer(name)}
     assert legacy == {name: legacy_role(model, name, p) for name, p in model.named_parameters() if name in legacy}
-    assert len(roles) - len(legacy) == sum(p.numel() > 0 for n, p in model.named_parameters()
-                                           if n.startswith(ADDON_PREFIXES) or n.endswith(".ve_scale"))
+    assert len(roles) - len(legacy) == sum(p.numel() > 0 for n, p in model.named_parameters() if newer(n))
     assert all(role_of(model, name) is role for name, role in roles.items())
 
 
