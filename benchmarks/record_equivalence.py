@@ -98,6 +98,23 @@ RENAMES: dict[str, str] = {
 }
 
 
+def pgolf_twin(theirs: torch.nn.Module, preset: str, label: str, renames=None):
+    """pgolf's model of `preset` holding the record model's weights (banks unstacked), or None
+    (after saying why) when the two state dicts do not name the same tensors."""
+    cfg, _ = resolve_config(preset, [], env={})
+    ours = GPT(cfg.model).float().eval()
+    mapped = unbank(theirs.state_dict(), cfg.model.num_layers, renames=renames)
+    ours_state = ours.state_dict()
+    missing, unexpected = sorted(set(ours_state) - set(mapped)), sorted(set(mapped) - set(ours_state))
+    if missing or unexpected:
+        print(f"state dicts differ: pgolf only {missing}; {label} only {unexpected}", file=sys.stderr)
+        return None
+    ours.load_state_dict({name: mapped[name].reshape(ours_state[name].shape) for name in ours_state})
+    print(f"parameters: {label} {sum(p.numel() for p in theirs.parameters()):,}, "
+          f"pgolf {sum(p.numel() for p in ours.parameters()):,}")
+    return ours, cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=("pr549", "pr1855"), default="pr549", help="which record (default pr549)")
@@ -111,17 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     record = load_record(args.record)
     theirs = record.GPT(**RECORD_MODEL_ARGS).float().eval()
     randomize(theirs, args.seed)
-    cfg, _ = resolve_config("pr549", [], env={})
-    ours = GPT(cfg.model).float().eval()
-    mapped = unbank(theirs.state_dict(), cfg.model.num_layers)
-    ours_state = ours.state_dict()
-    missing, unexpected = sorted(set(ours_state) - set(mapped)), sorted(set(mapped) - set(ours_state))
-    if missing or unexpected:
-        print(f"state dicts differ: pgolf only {missing}; #549 only {unexpected}", file=sys.stderr)
+    twin = pgolf_twin(theirs, "pr549", "#549")
+    if twin is None:
         return 1
-    ours.load_state_dict({name: mapped[name].reshape(ours_state[name].shape) for name in ours_state})
-    print(f"parameters: #549 {sum(p.numel() for p in theirs.parameters()):,}, "
-          f"pgolf {sum(p.numel() for p in ours.parameters()):,}")
+    ours, cfg = twin
     gen = torch.Generator().manual_seed(args.seed + 1)
     worst = 0.0
     for seq_len in args.seq_len:
@@ -215,27 +225,23 @@ def main_1855(args) -> int:
     record = load_record_1855(args.record)
     theirs = record.GPT(types.SimpleNamespace(**RECORD_1855_ARGS)).float().eval()
     randomize(theirs, args.seed)
-    cfg, _ = resolve_config("pr1855", [], env={})
-    ours = GPT(cfg.model).float().eval()
-    mapped = unbank(theirs.state_dict(), cfg.model.num_layers, renames=rename_1855)
-    ours_state = ours.state_dict()
-    missing, unexpected = sorted(set(ours_state) - set(mapped)), sorted(set(mapped) - set(ours_state))
-    if missing or unexpected:
-        print(f"state dicts differ: pgolf only {missing}; #1855 only {unexpected}", file=sys.stderr)
+    twin = pgolf_twin(theirs, "pr1855", "#1855", renames=rename_1855)
+    if twin is None:
         return 1
-    ours.load_state_dict({name: mapped[name].reshape(ours_state[name].shape) for name in ours_state})
-    print(f"parameters: #1855 {sum(p.numel() for p in theirs.parameters()):,}, "
-          f"pgolf {sum(p.numel() for p in ours.parameters()):,}")
+    ours, cfg = twin
     gen = torch.Generator().manual_seed(args.seed + 1)
     worst = 0.0
 
     def compare(label: str, tokens: torch.Tensor, varlen: bool = False) -> None:
         nonlocal worst
         with torch.no_grad():
-            if varlen:  # one packed row per call, one segment (the row) in cu_seqlens
-                cu = torch.tensor([0, tokens.size(1)], dtype=torch.int32)
-                expected = torch.cat([theirs.forward_logits(row[None], cu_seqlens=cu, max_seqlen=tokens.size(1))
-                                      for row in tokens]).float()
+            if varlen:  # one packed row per call; cu_seqlens at its start and at every BOS in it
+                rows = []
+                for row in tokens:
+                    starts = torch.cat([torch.tensor([0]), (row == BOS).nonzero().flatten(), torch.tensor([row.numel()])])
+                    cu = torch.unique(starts).to(torch.int32)
+                    rows.append(theirs.forward_logits(row[None], cu_seqlens=cu, max_seqlen=int(cu.diff().max())))
+                expected = torch.cat(rows).float()
             else:
                 expected = theirs.forward_logits(tokens).float()
             got = ours.logits(tokens).float()
@@ -253,7 +259,8 @@ def main_1855(args) -> int:
         with_bos = torch.randint(BOS + 1, cfg.model.vocab_size, (args.batch, seq_len), generator=gen)
         with_bos[torch.rand(with_bos.shape, generator=gen) < 0.02] = BOS
         with_bos[:, seq_len // 2] = BOS
-        compare(f"{state}, seq_len {seq_len}, BOS inside ({int((with_bos == BOS).sum())}), both plain causal", with_bos)
+        compare(f"{state}, seq_len {seq_len}, BOS inside ({int((with_bos == BOS).sum())}), record varlen at each BOS",
+                with_bos, varlen=True)
         compare(f"{state}, seq_len {args.seq_len[0]}, no BOS, record varlen (one segment)",
                 torch.randint(BOS + 1, cfg.model.vocab_size, (args.batch, args.seq_len[0]), generator=gen), varlen=True)
     return 0 if worst < 1e-4 else 1
