@@ -20,6 +20,7 @@ from pgolf.model.roles import Role, export_passthrough, param_roles
 from pgolf.train.optim import build_optimizers
 from tests.model.test_attention_records import reference_attention
 from tests.model.test_model import randomise
+from tests.model.test_records_549 import assert_off_is_official
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -250,16 +251,7 @@ def test_roles_and_groups():
     dict(layout="unet"),
 ])
 def test_switches_off_are_the_official_model_bit_for_bit(keys):
-    torch.manual_seed(5)
-    official = GPT(ModelConfig(**TINY))
-    torch.manual_seed(5)
-    model = GPT(ModelConfig(**TINY, **keys))
-    assert model_config_problems(model.cfg) == []
-    a, b = official.state_dict(), model.state_dict()
-    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
-    tokens = torch.randint(0, 64, (2, 12))
-    with torch.no_grad():
-        assert torch.equal(official.logits(tokens), model.logits(tokens))
+    assert_off_is_official(TINY, keys)
 
 
 @pytest.mark.parametrize("keys, message", [

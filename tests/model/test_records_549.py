@@ -175,10 +175,15 @@ def test_orthogonal_init_changes_only_the_linears():
     dict(ve_layers=[-2, -1], bigram_buckets=1536),  # add-on keys at their defaults, add-ons off
 ])
 def test_switches_off_are_the_official_model_bit_for_bit(keys):
+    assert_off_is_official(TINY, keys)
+
+
+def assert_off_is_official(shape: dict, keys: dict) -> None:
+    """The model with `keys` equals the official one of `shape`: same initial state, same logits."""
     torch.manual_seed(5)
-    official = GPT(ModelConfig(**TINY))
+    official = GPT(ModelConfig(**shape))
     torch.manual_seed(5)
-    model = GPT(ModelConfig(**TINY, **keys))
+    model = GPT(ModelConfig(**shape, **keys))
     assert model_config_problems(model.cfg) == []
     a, b = official.state_dict(), model.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
