@@ -1,5 +1,6 @@
 """Minify module source for the shipped bundle: docstrings, comments, annotations of arguments
-and returns, and layout out; every name kept, so tracebacks still read.
+and returns, and layout out; local variables renamed. Module, class, function and argument
+names are kept, so a traceback still names the function and file it came from.
 
 The package on disk keeps its comments; only the packed copy is minified. python-minifier was
 measured against a stdlib pass (ast: docstrings out, then unparse) on the baseline closure:
@@ -12,11 +13,12 @@ import functools
 
 import python_minifier
 
-# Renaming off (names in tracebacks stay the source's), no literal hoisting (it adds names), and
-# no constant folding (the numbers stay as written). Class attribute annotations stay: the
+# Locals renamed (they never appear in a traceback; about 2,000 counted bytes on the baseline),
+# globals and arguments kept (other modules import them, callers pass them by keyword), no
+# literal hoisting (it adds names), no constant folding (the numbers stay as written). Class attribute annotations stay: the
 # config dataclasses read their field types.
 MINIFY_OPTIONS = dict(
-    rename_locals=False,
+    rename_locals=True,
     rename_globals=False,
     hoist_literals=False,
     constant_folding=False,
