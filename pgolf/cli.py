@@ -21,6 +21,7 @@ from pgolf.lab.plan_cli import register as register_plan
 from pgolf.lab.submit import register as register_submit
 from pgolf.lab.sweep import register as register_sweep
 from pgolf.eval.ttt import TTTConfig
+from pgolf.eval.doc_ttt import DocTTTConfig
 from pgolf import __version__
 from pgolf.rules import (EVAL_TIME_LIMIT_S, EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
                          MICRO_BATCHES, summary_exit_code)
@@ -85,6 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ttt-freeze", type=int, default=ttt_defaults.freeze_blocks, help="freeze the first N blocks")
     ev.add_argument("--ttt-clip", type=float, default=ttt_defaults.grad_clip, help="gradient-norm clip (0 = off)")
     ev.add_argument("--ttt-batch", type=int, default=ttt_defaults.batch_seqs, help="sequences per TTT step")
+    ev.add_argument("--ttt-mode", choices=("sgd", "doc_lora"), default=None,
+                    help="sgd: --ttt's score-first SGD over chunks of the stream; doc_lora: phased score-first "
+                         "per-document LoRA TTT (#1855), its settings below (defaults: the record's)")
+    doc = DocTTTConfig()
+    ev.add_argument("--doc-chunk", type=int, default=doc.chunk_tokens, help="doc_lora: targets per chunk")
+    ev.add_argument("--doc-context", type=int, default=doc.context,
+                    help="doc_lora: most tokens of its own document a window reads (also the phase rows' length)")
+    ev.add_argument("--doc-batch", type=int, default=doc.batch_docs, help="doc_lora: documents per batch")
+    ev.add_argument("--lora-rank", type=int, default=doc.rank)
+    ev.add_argument("--lora-alpha", type=float, default=doc.alpha, help="LoRA output scale alpha / rank")
+    ev.add_argument("--lora-lr", type=float, default=doc.lr, help="AdamW lr of the LoRAs (betas (0, --lora-beta2))")
+    ev.add_argument("--lora-beta2", type=float, default=doc.beta2)
+    ev.add_argument("--lora-wd", type=float, default=doc.weight_decay, help="AdamW weight decay of the LoRAs")
+    ev.add_argument("--lora-sites", default=",".join(doc.sites), help="LoRA sites: some of q,k,v,o,mlp,head")
+    ev.add_argument("--phases", default=",".join(map(str, doc.phases)),
+                    help="doc_lora: documents scored before each global phase (none: no phases)")
+    ev.add_argument("--phase-lr", type=float, default=doc.phase_lr, help="global phase SGD lr (cosine over chunks)")
+    ev.add_argument("--phase-momentum", type=float, default=doc.phase_momentum)
+    ev.add_argument("--phase-epochs", type=int, default=doc.phase_epochs)
+    ev.add_argument("--phase-chunk", type=int, default=doc.phase_chunk_tokens, help="global phase tokens per chunk")
+    ev.add_argument("--phase-batch", type=int, default=doc.phase_batch_seqs, help="global phase rows per step")
+    ev.add_argument("--phase-clip", type=float, default=doc.phase_clip, help="global phase gradient clip (0 = off)")
 
     audit = sub.add_parser("audit", help="re-check an evaluation receipt (legality of TTT, exact sums)")
     audit.add_argument("receipt", help="a receipt JSON written by `pgolf eval` or `pgolf train`")
@@ -255,10 +278,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ttt = TTTConfig(chunk_tokens=args.ttt_chunk, lr=args.ttt_lr, momentum=args.ttt_momentum,
                     epochs=args.ttt_epochs, freeze_blocks=args.ttt_freeze, grad_clip=args.ttt_clip,
                     batch_seqs=args.ttt_batch)
+    phases = args.phases.strip().lower()
+    try:
+        phase_counts = () if phases in ("", "none", "0") else tuple(int(n) for n in phases.split(","))
+    except ValueError:
+        raise ConfigError(f"--phases must be document counts such as 833,1666,2500 (or none), got {args.phases!r}")
+    doc_ttt = DocTTTConfig(chunk_tokens=args.doc_chunk, context=args.doc_context, batch_docs=args.doc_batch,
+                           rank=args.lora_rank, alpha=args.lora_alpha, lr=args.lora_lr, beta2=args.lora_beta2,
+                           weight_decay=args.lora_wd,
+                           sites=tuple(s.strip() for s in args.lora_sites.split(",") if s.strip()),
+                           phases=phase_counts, phase_lr=args.phase_lr, phase_momentum=args.phase_momentum,
+                           phase_epochs=args.phase_epochs, phase_chunk_tokens=args.phase_chunk,
+                           phase_batch_seqs=args.phase_batch, phase_clip=args.phase_clip)
+    mode = args.ttt_mode or ("sgd" if args.ttt else None)
     opts = EvalOptions(stride=args.stride, seq_len=args.seq_len, batch_windows=args.batch, max_tokens=args.max_tokens,
-                       ttt=ttt if args.ttt else None, live=args.live, data_dir=args.data, receipt_path=args.receipt,
+                       ttt=ttt if mode == "sgd" else None, doc_ttt=doc_ttt if mode == "doc_lora" else None,
+                       live=args.live, data_dir=args.data, receipt_path=args.receipt,
                        budget_seconds=args.budget, device=args.device)
-    check_eval_options(opts, ttt)  # the --ttt-* numbers too: a typo is refused even without --ttt
+    check_eval_options(opts, ttt, doc_ttt)  # every TTT number too: a typo is refused whatever the mode
     result = run_eval(args.target, opts, log=(lambda *_: None) if args.json else print, hooks=LedgerHooks())
     if args.json and os.environ.get("RANK", "0") == "0":
         print(json.dumps(result, indent=2))

@@ -46,7 +46,10 @@ Choices, each recorded in the file so loading is exact (``describe_artifact`` re
 * layout: ``"plain"`` (each tensor's codes then its scale, in state-dict order),
   ``"grouped"`` (same-kind data together: int codes by width, then scales, then float
   passthrough, then raw tensors; multi-byte groups split into byte planes), or
-  ``"auto"`` (both, the smaller file kept).
+  ``"auto"`` (both, the smaller file kept); or ``"per_group"``, never tried by "auto": PR #1855's
+  per-group compression (``pgolf.compress.grouping``: the codes of each role across layers
+  transposed, optionally row-reordered, and compressed alone with a group backend; the rest with
+  the compressor). Its file's compressor is ``"groups"``, a frame of separately compressed streams.
 
 Under "auto" every combination is compressed (in threads: the compressors release the
 GIL) and the smallest wins; ties go to the earlier compressor of ``COMPRESSOR_ORDER``,
@@ -92,7 +95,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -157,12 +160,15 @@ COMPRESSORS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]
     "lzma6": (lambda b: lzma.compress(b, preset=6), lzma.decompress),
     "brotli": (lambda b: brotli_module().compress(b, quality=_BROTLI_QUALITY, lgwin=_BROTLI_LGWIN),
                lambda b: brotli_module().decompress(b)),
+    # layout "per_group" only: a frame of streams, each compressed alone (pgolf.compress.grouping)
+    "groups": (lambda b: _groups_compress(b), lambda b: _groups_decompress(b)),
 }
 # "auto" tries these (those installed) and breaks size ties by this order
 COMPRESSOR_ORDER = ("zlib", "zstd", "lzma", "brotli")
 COMPRESSOR_CHOICES = (*COMPRESSOR_ORDER, "lzma6", "auto")  # what a config may name
 STORAGES = ("bytes", "packed")
 LAYOUTS = ("plain", "grouped")
+PER_GROUP, GROUPS = "per_group", "groups"  # the layout "auto" never tries, and its file's compressor
 _MODULE_CHECKS = {"zstd": zstd_module, "brotli": brotli_module}
 
 
@@ -270,8 +276,10 @@ def _segments(qdict: dict[str, QuantizedTensor]) -> list[tuple[str, QuantizedTen
     return out
 
 
-def _build_raw(prepared, meta: dict, storage: str, layout: str) -> bytes:
-    """The uncompressed payload for one (storage, layout) choice."""
+def _build_raw(prepared, meta: dict, storage: str, layout: str, codes: dict | None = None,
+               codecs: tuple[str, str] | None = None) -> bytes:
+    """The uncompressed payload for one (storage, layout) choice. Layout per_group also takes the
+    role groups' codes (grouping.group_codes) and (rest compressor, group backend)."""
     segs: list[_Segment] = []
     entries = []
     any_packed = False
@@ -289,6 +297,11 @@ def _build_raw(prepared, meta: dict, storage: str, layout: str) -> bytes:
             itemsize = qt.data.element_size()
             # integer codes group by their format label ("int6"), other data by kind and dtype
             key = format_label(qt.kind, qt.bits, parts["dtype"]) if rank == 0 else f"{qt.kind}:{parts['dtype']}"
+        slot = codes.get(name) if codes else None
+        if slot is not None:  # per_group: after the rest, each large role group in a stream of its own
+            data, key, rank = slot.data, f"codes:{slot.group}", 5 if slot.own else 4
+            if slot.transposed:
+                spec["transposed"] = True
         segs.append(_Segment(key, rank, itemsize, data, spec))
         entry = {"name": name, "kind": qt.kind, "bits": qt.bits, "orig_dtype": qt.orig_dtype,
                  "data": spec, "scale": None}
@@ -297,6 +310,11 @@ def _build_raw(prepared, meta: dict, storage: str, layout: str) -> bytes:
             sspec = {"dtype": sdtype, "shape": list(qt.scale.shape), "nbytes": len(sdata)}
             segs.append(_Segment(f"scale:{sdtype}", 1, qt.scale.element_size(), sdata, sspec))
             entry["scale"] = sspec
+        if slot is not None and slot.perm is not None:
+            pdtype, pdata = slot.perm
+            pspec = {"dtype": pdtype, "shape": [shape[0]], "nbytes": len(pdata)}
+            segs.append(_Segment(f"perm:{pdtype}", 4, len(pdata) // shape[0], pdata, pspec))
+            entry["perm"] = pspec
         entries.append(entry)
 
     if layout == "plain":
@@ -316,11 +334,15 @@ def _build_raw(prepared, meta: dict, storage: str, layout: str) -> bytes:
         if planes:
             buf = _planes(buf, itemsize)
         groups.append({"key": key, "itemsize": itemsize, "planes": planes, "nbytes": len(buf)})
+        if codecs and ss[0].rank == 5:
+            groups[-1]["codec"] = codecs[1]
         blobs.append(buf)
+    head = {"format": "pgolf-artifact", "storage": "packed" if any_packed else "bytes",
+            "layout": layout, "groups": groups, "tensors": entries, "meta": meta or {}}
+    if codecs:
+        head["codec"] = codecs[0]  # the rest stream's
     try:
-        header = json.dumps({"format": "pgolf-artifact", "storage": "packed" if any_packed else "bytes",
-                             "layout": layout, "groups": groups, "tensors": entries, "meta": meta or {}},
-                            sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+        header = json.dumps(head, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"artifact meta must be plain JSON data: {e}") from None
     body = b"".join([_U64.pack(len(header)), header, *blobs])
@@ -346,19 +368,68 @@ def _wrap(compressor: str, payload: bytes) -> bytes:
                      _U64.pack(len(payload)), hashlib.sha256(payload).digest(), payload])
 
 
+# ---------------------------------------------------------------- layout per_group
+
+def _groups_compress(raw: bytes, jobs: int | None = None) -> bytes:
+    from pgolf.compress.grouping import GroupError, compress_streams
+
+    try:
+        return compress_streams(raw, COMPRESSORS, available_compressors, jobs)
+    except GroupError as e:
+        raise ArtifactError(f"per-group compression: {e}") from None
+
+
+def _groups_decompress(blob: bytes) -> bytes:
+    from pgolf.compress.grouping import GroupError, decompress_streams
+
+    try:
+        return decompress_streams(blob, COMPRESSORS)
+    except GroupError as e:
+        raise ArtifactError(f"per-group streams: {e}") from None
+
+
+def _pack_per_group(qdict, meta, compressor: str, storage: str, row_order, group_backend: str,
+                    jobs: int | None, trials: list | None) -> bytes:
+    from pgolf.compress.grouping import GroupError, check_options, group_codes
+
+    if compressor not in COMPRESSOR_CHOICES:
+        raise ArtifactError(f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSOR_CHOICES)}")
+    check_compressor(compressor)
+    try:
+        check_options(storage, row_order, group_backend, check_compressor)
+        codes = group_codes(qdict, list(row_order))
+    except GroupError as e:
+        raise ArtifactError(str(e)) from None
+    raw = _build_raw(_segments(qdict), meta, "bytes", PER_GROUP, codes, (compressor, group_backend))
+    blob = _wrap(GROUPS, _groups_compress(raw, jobs))
+    if trials is not None:
+        trials.append({"compressor": GROUPS, "storage": "bytes", "layout": PER_GROUP, "bytes": len(blob),
+                       "chosen": True})
+    return blob
+
+
 # ---------------------------------------------------------------- pack / unpack
 
 def pack_artifact(qdict: dict[str, QuantizedTensor], meta: dict | None = None, compressor: str = "zlib",
                   storage: str = "auto", layout: str = "auto", *, jobs: int | None = None,
-                  trials: list | None = None) -> bytes:
+                  trials: list | None = None, row_order: Sequence[str] = (), group_backend: str = "brotli") -> bytes:
     """Serialise a quantized state dict plus JSON ``meta`` into artifact bytes.
 
     ``compressor``, ``storage`` and ``layout`` each name one choice or ``"auto"`` (see
     the module docstring); under "auto" every combination is compressed, ``jobs`` at a
     time in threads (default: up to 8, the CPU count), and the smallest file is returned
     (deterministic tie-break). Pass a list as ``trials`` to receive one dict per
-    combination tried: ``{compressor, storage, layout, bytes, chosen}``."""
-    comps = available_compressors() if compressor == "auto" else _choices(compressor, tuple(COMPRESSORS), "compressor")
+    combination tried: ``{compressor, storage, layout, bytes, chosen}``.
+
+    ``layout="per_group"`` (never tried by "auto") compresses each role group of codes alone with
+    ``group_backend`` and the rest with ``compressor`` ("auto": per stream the smallest), after
+    putting the rows of the groups named in ``row_order`` in greedy nearest-L1 order."""
+    if layout == PER_GROUP:
+        return _pack_per_group(qdict, meta, compressor, storage, row_order, group_backend, jobs, trials)
+    if row_order or group_backend != "brotli":
+        raise ArtifactError("row_order and group_backend apply to layout 'per_group' only")
+    comps = available_compressors() if compressor == "auto" else \
+        _choices(compressor, tuple(c for c in COMPRESSORS if c != GROUPS), "compressor")
     if compressor != "auto":
         check_compressor(compressor)
     storages = _choices(storage, STORAGES, "storage")
@@ -430,6 +501,8 @@ def _parse_payload(blob: bytes, source: str) -> tuple[dict, list[memoryview], di
         _MODULE_CHECKS[comp_name]()  # missing package: say what to install
     try:
         raw = memoryview(decompress(bytes(payload)))
+    except ArtifactError:  # per_group: a stream's missing package or binary, or a bad frame
+        raise
     except Exception as e:
         raise ArtifactError(f"artifact {source} is corrupt: its payload does not decompress with "
                             f"{comp_name} ({type(e).__name__}: {e})") from None
@@ -476,6 +549,25 @@ def _parse_payload(blob: bytes, source: str) -> tuple[dict, list[memoryview], di
     return info, groups, header, header_raw
 
 
+def _load_data(groups: list, e: dict) -> torch.Tensor:
+    """A tensor entry's data; layout per_group's 2-D codes are stored transposed, maybe row-reordered."""
+    spec = {**e["data"], "name": e["name"]}
+    if not spec.get("transposed"):
+        t = _tensor_from(groups[spec["g"]], spec)
+    elif len(spec["shape"]) != 2:
+        raise ArtifactError(f"{e['name']!r} is marked transposed but is not 2-D")
+    else:
+        t = _tensor_from(groups[spec["g"]], {**spec, "shape": spec["shape"][::-1]}).T.contiguous()
+    if e.get("perm") is not None:
+        from pgolf.compress.grouping import read_perm
+
+        order = torch.from_numpy(read_perm(groups[e["perm"]["g"]], e["perm"], t.shape[0] if t.ndim else -1))
+        restored = torch.empty_like(t)
+        restored[order] = t  # stored row i is original row order[i]
+        t = restored
+    return t
+
+
 def unpack_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, QuantizedTensor], dict]:
     """Parse artifact bytes (``source`` names them in errors) -> ``(qdict, meta)``."""
     _, groups, header, _ = _parse_payload(blob, source)
@@ -485,7 +577,7 @@ def unpack_artifact(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, Qua
             def load(spec):
                 return _tensor_from(groups[spec["g"]], {**spec, "name": e["name"]})
             scale = load(e["scale"]) if e["scale"] is not None else None
-            qt = QuantizedTensor(e["kind"], load(e["data"]), scale, e["orig_dtype"], int(e["bits"]))
+            qt = QuantizedTensor(e["kind"], _load_data(groups, e), scale, e["orig_dtype"], int(e["bits"]))
             if get_quantizer(qt.kind).packable and qt.data.numel():
                 qmax = qmax_for(qt.bits)
                 if int(qt.data.min()) < -qmax or int(qt.data.max()) > qmax:
@@ -518,7 +610,10 @@ def describe_artifact(blob: bytes, estimate: bool = False, source: str = "<bytes
     file_bytes, outer_header_bytes, compressed_payload_bytes, raw_payload_bytes,
     components, params, num_tensors}``; ``components`` maps "header+meta", "int6 codes",
     "scales", "fp16 passthrough", "raw tensors", ... to their uncompressed bytes, ``params``
-    maps formats ("int6", "fp16", ...) to element counts.
+    maps formats ("int6", "fp16", ...) to element counts, ``group_bytes`` each data group's
+    uncompressed bytes. Layout per_group adds ``streams``: per stream its groups, codec, raw and
+    stored bytes, and its ``breakdown`` is exact: the stored bytes of each stream ("outer header"
+    holds the frame's index and the crc32 too).
 
     With ``estimate``, adds ``breakdown``: the file's bytes split over "outer header" and
     the components, in proportion to each component compressed alone with the artifact's
@@ -536,9 +631,10 @@ def describe_artifact(blob: bytes, estimate: bool = False, source: str = "<bytes
         except ValueError as err:
             raise ArtifactError(f"artifact {source} is malformed: {err}") from None
         params[fmt] = params.get(fmt, 0) + count
-        for spec, lab in ((d, label), (e["scale"], "scales")):
+        for spec, lab in ((d, label), (e["scale"], "scales"), (e.get("perm"), "row permutations")):
             if spec is not None:
-                itemsize = 1 if spec.get("packed") else np.dtype(_NP_DTYPES[spec["dtype"]]).itemsize
+                stored = {**_NP_DTYPES, "uint16": "<u2"}[spec["dtype"]]  # uint16: a row permutation
+                itemsize = 1 if spec.get("packed") else np.dtype(stored).itemsize
                 comps.setdefault(lab, []).append(
                     (bytes(groups[spec["g"]][spec["offset"]:spec["offset"] + spec["nbytes"]]), itemsize))
     components = {k: sum(len(b) for b, _ in v) for k, v in comps.items()}
@@ -546,7 +642,19 @@ def describe_artifact(blob: bytes, estimate: bool = False, source: str = "<bytes
     outer = len(blob) - info["compressed_payload_bytes"]
     out = {**info, "storage": header["storage"], "layout": header["layout"], "file_bytes": len(blob),
            "outer_header_bytes": outer, "components": components, "params": params,
-           "num_tensors": len(header["tensors"])}
+           "num_tensors": len(header["tensors"]),
+           "group_bytes": {g["key"]: int(g["nbytes"]) for g in header.get("groups", [])}}
+    if header["layout"] == PER_GROUP:
+        from pgolf.compress.grouping import GroupError, describe_streams
+
+        try:
+            out["streams"], breakdown = describe_streams(_parse_outer(blob, source)[2], header, info["header_bytes"],
+                                                         info["raw_payload_bytes"], outer)
+        except GroupError as e:
+            raise ArtifactError(f"artifact {source} is malformed: {e}") from None
+        if estimate:
+            out["breakdown"] = breakdown
+        return out
     if estimate:
         compress = COMPRESSORS[info["compressor"]][0]
         sizes = {"header+meta": len(compress(header_raw))}

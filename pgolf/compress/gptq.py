@@ -4,6 +4,7 @@ Pipeline::
 
     batches = calibration_batches(train_files, seq_len, n_seqs, device)  # TRAINING shards only
     hessians = collect_hessians(model, batches)        # H = X^T X / rows, per CastedLinear
+                                                       # (embedding=True: + the tied embedding's)
     result = gptq_state_dict(model, hessians, bits_for=lambda name: 6)
     result.tensors[name] -> (q int8 [rows, cols], scale fp16 [rows], bits)
 
@@ -142,12 +143,20 @@ def calibrate(model: nn.Module, cfg, train_files, device: torch.device) -> tuple
     else:
         batches = calibration_batches(train_files, t.train_seq_len, e.gptq_seqs, device,
                                       vocab_size=cfg.model.vocab_size)
-    hessians = collect_hessians(model, batches)
+    # export.gptq_embedding: an untied head is a CastedLinear and has its Hessian anyway
+    hessians = collect_hessians(model, batches, embedding=e.gptq_embedding and cfg.model.tie_embeddings)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return hessians, seconds, (f"calibration: {e.gptq_seqs} {'self-generated' if generated else 'training'} "
                                f"sequences, {len(hessians)} Hessians in {seconds:.2f} s")
+
+
+EMBEDDING_WEIGHT = "tok_emb.weight"  # the tied embedding's name; its Hessian is the head's input's
+
+
+def _tied_head(model: nn.Module) -> bool:
+    return getattr(model, "lm_head", False) is None and hasattr(model, "tok_emb") and hasattr(model, "hidden_states")
 
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -164,8 +173,12 @@ def collect_hessians(
     *,
     dtype: torch.dtype = torch.float32,
     all_reduce: bool = False,
+    embedding: bool = False,
 ) -> dict[str, Tensor]:
-    """``H = sum_batches X^T X / (number of input rows)`` for each CastedLinear's input X.
+    """``H = sum_batches X^T X / (number of input rows)`` for each CastedLinear's input X, and
+    with ``embedding`` for the tied embedding too (``EMBEDDING_WEIGHT``): X is then the head's
+    input, the final RMSNorm's output (``model.hidden_states``), as PR #1855 (BEST:2116-2133). An
+    untied head is a CastedLinear and has its Hessian anyway; a model without a tied head is refused.
 
     Keys are the layers' weight names as in ``model.state_dict()`` (e.g.
     ``"blocks.0.attn.c_q.weight"``); ``names`` restricts the layers. H is ``[in, in]`` in
@@ -175,7 +188,12 @@ def collect_hessians(
     With ``all_reduce`` and an initialised process group, sums and row counts are summed
     over ranks, so each rank may feed different calibration batches.
     """
-    modules = _linear_modules(model)
+    modules: dict[str, nn.Module | None] = dict(_linear_modules(model))
+    if embedding:
+        if not _tied_head(model):
+            raise ValueError("the embedding's Hessian (export.gptq_embedding) needs a model whose head is its tied "
+                             "embedding (model.tie_embeddings=true); an untied head has its own Hessian")
+        modules[EMBEDDING_WEIGHT] = None  # hooked through hidden_states below
     if names is not None:
         missing = sorted(set(names) - set(modules))
         if missing:
@@ -194,7 +212,18 @@ def collect_hessians(
             rows[name] += x.shape[0]
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items() if m is not None]
+    if EMBEDDING_WEIGHT in modules and modules[EMBEDDING_WEIGHT] is None:
+        # The final norm is a function, not a module: wrap the model's hidden_states (the head's
+        # input) on the instance for the calibration, and remove the wrapper afterwards.
+        inner, record = model.hidden_states, make_hook(EMBEDDING_WEIGHT)
+
+        def hidden_states(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            record(None, (out,), None)
+            return out
+
+        model.hidden_states = hidden_states
     was_training = model.training
     model.eval()
     try:
@@ -203,13 +232,14 @@ def collect_hessians(
     finally:
         for h in handles:
             h.remove()
+        model.__dict__.pop("hidden_states", None)
         model.train(was_training)
 
     if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
         for name in modules:
             dev = sums[name].device if name in sums else next(model.parameters()).device
             if name not in sums:  # this rank saw no input for the layer
-                cols = modules[name].weight.shape[1]
+                cols = (model.tok_emb if modules[name] is None else modules[name]).weight.shape[1]
                 sums[name] = torch.zeros(cols, cols, dtype=dtype, device=dev)
             torch.distributed.all_reduce(sums[name])
             count = torch.tensor([rows[name]], dtype=torch.float64, device=dev)

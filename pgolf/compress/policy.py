@@ -1,8 +1,9 @@
 """From trained weights to the quantized tensors the artifact stores, as the export config asks.
 
 Order: bit widths (scheme default, then the policy, or the allocator within a byte budget),
-then per-row quantization (clip search for intN), then optionally GPTQ in place of plain
-rounding for every 2-D tensor it has a Hessian for. Hessians come from activations of
+then per-row quantization (clip search or SDClip for intN), then optionally GPTQ in place of plain
+rounding for every 2-D tensor it has a Hessian for, then optionally LQER corrections of the
+worst-quantized matrices (export.lqer_rank). Hessians come from activations of
 training-data batches only, or of text the model samples (export.gptq_calibration); their
 collection is timed so the run can charge it to the wall-clock budget.
 """
@@ -16,9 +17,10 @@ from pathlib import Path
 import torch
 
 from pgolf.compress.config import ExportConfig
-from pgolf.model.roles import export_treatment
+from pgolf.model.roles import Role, component_of, export_treatment, param_roles
 from pgolf.compress.quant import (KEEP_FLOAT_MAX_NUMEL, SCHEMES, QuantizedTensor, QuantStats, policy_bits,
-                                  quantize_state_dict)
+                                  quantize_state_dict, sdclip_group)
+from pgolf.model.attention import CausalSelfAttention
 from pgolf.rules import SIZE_CAP_BYTES
 
 CLIP_SEARCH = {"auto": None, "on": True, "off": False}
@@ -64,11 +66,45 @@ def plan_export(model: torch.nn.Module, cfg, train_files: list[Path], device: to
     roles = export_treatment(model)
     if e.allocate:
         bits_for = _allocate(state, cfg, hessians, bits_for, code_bytes, lines, roles)
+    if e.attn_gate_int8:
+        roles.update(dict.fromkeys(attention_gate_names(model), "int8_row"))
     qdict, stats = quantize_state_dict(state, scheme=e.scheme, bits_for=bits_for, clip_search=CLIP_SEARCH[e.clip_search],
-                                       roles=roles, clip_rule=e.clip_rule, controls=e.controls)
+                                       roles=roles, clip_rule=e.clip_rule, controls=e.controls,
+                                       sdclip_k=sdclip_k_of(model, e) if e.clip_rule == "sdclip" else None)
     if e.gptq:
         _apply_gptq(state, qdict, hessians, cfg, lines)
+    if e.lqer_rank > 0:
+        from pgolf.compress.lqer import add_lqer
+
+        result = add_lqer(state, qdict, e.lqer_rank, e.lqer_top, e.lqer_a_bits, e.lqer_b_bits, e.lqer_b_group)
+        qdict = result.qdict
+        lines.extend(result.lines())
     return ExportPlan(qdict, stats, time.perf_counter() - start, lines, calibration_s)
+
+
+def attention_gate_names(model: torch.nn.Module) -> list[str]:
+    """The state-dict names of the attention output gates (model.attn_gate_dims)."""
+    return [f"{prefix}.gate" for prefix, m in model.named_modules()
+            if isinstance(m, CausalSelfAttention) and getattr(m, "gate", None) is not None]
+
+
+def sdclip_k_of(model: torch.nn.Module, e: ExportConfig):
+    """SDClip's k of each tensor, by role: the embedding (or an untied head) export.sdclip_k_embed, a
+    matrix of the attention or MLP slot sdclip_k_attn / sdclip_k_mlp, anything else sdclip_k_other;
+    a tensor without a role by its name (quant.sdclip_group)."""
+    by_group = {"embed": e.sdclip_k_embed, "attn": e.sdclip_k_attn, "mlp": e.sdclip_k_mlp, "other": e.sdclip_k_other}
+    roles = param_roles(model)
+    components = {"attention": "attn", "mlp": "mlp"}
+
+    def k_of(name: str) -> float:
+        role = roles.get(name)
+        if role is None:
+            return by_group[sdclip_group(name)]
+        if role in (Role.EMBEDDING, Role.HEAD):
+            return by_group["embed"]
+        return by_group[components.get(component_of(model, name), "other") if role is Role.MATRIX else "other"]
+
+    return k_of
 
 
 def _allocate(state, cfg, hessians, policy, code_bytes: int, lines: list[str], roles: dict[str, str]):
@@ -76,8 +112,8 @@ def _allocate(state, cfg, hessians, policy, code_bytes: int, lines: list[str], r
 
     matrices = _large_matrices(state)
     default = SCHEMES[cfg.export.scheme]
-    # Tensors the policy pins, or that have no Hessian (the tied embedding: int8 under any scheme,
-    # as quantize_state_dict's roles say), are not allocated.
+    # Tensors the policy pins, or that have no Hessian (the tied embedding, unless
+    # export.gptq_embedding: int8 under any scheme, as quantize_state_dict's roles say), are not allocated.
     fixed = {}
     for name in matrices:
         spec = policy(name, matrices[name]) if policy is not None else None
@@ -107,9 +143,10 @@ def _apply_gptq(state, qdict: dict[str, QuantizedTensor], hessians, cfg, lines: 
         return qt.bits
 
     e = cfg.export
-    # PR #549's clip rule chooses per tensor, so GPTQ keeps the scales it chose
+    # PR #549's clip rule chooses per tensor and SDClip's scales are the rule itself (from the
+    # unquantized weights, as BEST:2162), so GPTQ keeps the scales they chose
     scales = ({n: qt.scale for n, qt in qdict.items() if qt.kind == "int_per_row"}
-              if e.clip_rule == "percentile" else None)
+              if e.clip_rule in ("percentile", "sdclip") else None)
     result = gptq_state_dict(state, hessians, bits_for, block_size=e.gptq_block, damp=e.gptq_damp,
                              act_order=e.gptq_act_order, clip_search=e.clip_search != "off", scales=scales)
     for name, (q, scale, bits) in result.tensors.items():

@@ -25,15 +25,21 @@ grid (``DEFAULT_CLIP_GRID``, 1.0 down to 0.6) to minimise the row's squared
 reconstruction error measured with the fp16-rounded scale, i.e. with exactly what is
 stored (see ``quantize_rows``); ``clip_rule="percentile"`` uses PR #549's rule instead
 (``percentile_scales``: one quantile of each row's |w| for the whole tensor, by whole-tensor
-MSE, scale floor 1/qmax). Under a scheme narrower than int8, embedding tables and an untied
-head (roles whose export treatment is "int8", or without roles names containing one of
-``EMBEDDING_PATTERNS``) keep the official int8, as the records do, unless the policy names
-them. Whatever the scheme or policy, non-float tensors stay raw and float tensors of at most
-``KEEP_FLOAT_MAX_NUMEL`` elements follow the official passthrough rules above (with
+MSE, scale floor 1/qmax); ``clip_rule="sdclip"`` uses PR #1855's SDClip (``sdclip_scales``:
+``k * std(row) / qmax``, k per tensor from ``sdclip_k``, no search). Under a scheme narrower
+than int8, embedding tables and an untied head (roles whose export treatment is "int8", or
+without roles names containing one of ``EMBEDDING_PATTERNS``) keep the official int8, as the
+records do, unless the policy names them. Whatever the scheme or policy, non-float tensors stay
+raw and float tensors of at most ``KEEP_FLOAT_MAX_NUMEL`` elements follow the official passthrough rules above (with
 ``controls="fp16"`` the control tensors are stored fp16 too, as PR #549); only
 larger float tensors are quantized (or kept as fp16/fp32 when the policy says so). Bit
 packing lives in ``pgolf.compress.packing`` and is the artifact's business; in memory one code is
 one int8.
+
+A role treatment of ``"int8_row"`` (PR #1855's attention gates, export.attn_gate_int8) stores a
+2-D float tensor of any size as per-row int8 with the max-abs scale (``max|row| / 127``). LQER
+corrections (pgolf.compress.lqer) are two extra entries next to the tensor they correct, named
+``name + LQER_A`` and ``name + LQER_B``; ``dequantize_state_dict`` adds their product to it.
 
 Each storage kind is an entry of the quantizer registry (``pgolf.compress.quantizers``: its
 quantize and dequantize functions and format label); this module decides which kind each
@@ -62,6 +68,7 @@ __all__ = [
     "MIN_BITS", "MAX_BITS", "FLOAT_SPECS", "DEFAULT_CLIP_GRID", "BitsSpec", "BitsFor",
     "qmax_for", "quantize_rows", "dequantize_rows", "quantization_error", "quantize_tensor",
     "policy_bits", "check_bits_spec", "CLIP_RULES", "EMBEDDING_PATTERNS", "CONTROLS",
+    "SDCLIP_K", "sdclip_group", "LQER_A", "LQER_B",
 ]
 
 # The official export's control tensors (train_gpt.py's CONTROL_TENSOR_NAME_PATTERNS): small float
@@ -74,6 +81,22 @@ EMBEDDING_PATTERNS: tuple[str, ...] = ("tok_emb", "lm_head")
 CONTROLS = ("fp32", "fp16")  # how small control tensors are stored: fp32 (official) or fp16 (PR #549)
 
 KINDS = tuple(sorted(QUANTIZERS))  # the registered storage kinds
+
+# SDClip's k per tensor group, PR #1855's tuned values (its other matrices: the code's default).
+SDCLIP_K: dict[str, float] = {"mlp": 11.5, "attn": 13.0, "embed": 14.0, "other": 12.85}
+# The names of an LQER correction's factors: the corrected tensor's name plus these. "@" is in no
+# parameter name (module attribute names are identifiers).
+LQER_A, LQER_B = "@lqer_a", "@lqer_b"
+
+
+def sdclip_group(name: str) -> str:
+    """The SDClip group of a tensor by its name, as the record decides it (BEST:2251-2258):
+    "embed" (EMBEDDING_PATTERNS), "mlp" (".mlp."), "attn" (".attn."), else "other". The export
+    decides by the parameters' roles instead (pgolf.compress.policy), with the same result for
+    pgolf's models."""
+    if any(p in name for p in EMBEDDING_PATTERNS):
+        return "embed"
+    return "mlp" if ".mlp." in name else "attn" if ".attn." in name else "other"
 
 
 BitsSpec = Union[int, str, None]  # N in [MIN_BITS, MAX_BITS], "fp16", "fp32", or None (= default)
@@ -152,20 +175,23 @@ def policy_bits(policy: Iterable[Sequence], default: BitsSpec = None) -> BitsFor
 
 def quantize_tensor(name: str, t: torch.Tensor, bits: BitsSpec = None, clip_search: bool = True,
                     grid: Sequence[float] | None = None, keep_fp32: bool | None = None,
-                    clip_rule: str = "row_search") -> QuantizedTensor:
+                    clip_rule: str = "row_search", sdclip_k: float | None = None) -> QuantizedTensor:
     """Quantize one tensor with an explicit spec. Non-float tensors and float tensors of at
     most ``KEEP_FLOAT_MAX_NUMEL`` elements follow the official rules whatever ``bits`` is;
     otherwise ``bits=None`` is the official int8, an int N is per-row intN
     (``quantize_rows``; tensors that are not 2-D use their first dim as rows, 1-D ones
     are one row), "fp16"/"fp32" keep the tensor as that float (dequantized back to its
-    dtype). ``keep_fp32`` as in quantize_tensor_int8; ``clip_rule`` as in quantize_int_per_row."""
+    dtype). ``keep_fp32`` as in quantize_tensor_int8; ``clip_rule`` and ``sdclip_k`` as in
+    quantize_int_per_row (the k defaults to SDCLIP_K of the name's sdclip_group)."""
     check_bits_spec(bits)
     t = t.detach()
     if bits is None or not t.is_floating_point() or t.numel() <= KEEP_FLOAT_MAX_NUMEL:
         return quantize_tensor_int8(name, t, keep_fp32)
     if bits in FLOAT_SPECS:
         return quantize_float(t, bits)
-    return quantize_int_per_row(t, bits, clip_search=clip_search, grid=grid, clip_rule=clip_rule)
+    if clip_rule == "sdclip" and sdclip_k is None:
+        sdclip_k = SDCLIP_K[sdclip_group(name)]
+    return quantize_int_per_row(t, bits, clip_search=clip_search, grid=grid, clip_rule=clip_rule, sdclip_k=sdclip_k)
 
 
 # scheme name -> bits of the large 2-D float tensors; "int8" is the official export
@@ -180,6 +206,7 @@ def quantize_state_dict(
     state_dict: dict[str, torch.Tensor], scheme: str = "int8", bits_for: BitsFor | None = None,
     clip_search: bool | None = None, grid: Sequence[float] | None = None,
     roles: Mapping[str, str] | None = None, clip_rule: str = "row_search", controls: str = "fp32",
+    sdclip_k: Callable[[str], float] | None = None,
 ) -> tuple[dict[str, QuantizedTensor], QuantStats]:
     """Quantize every tensor of ``state_dict`` (order kept).
 
@@ -194,12 +221,14 @@ def quantize_state_dict(
     ``clip_search``: None (default) searches the clip of every per-row intN tensor but
     leaves the official int8 alone; True also replaces the official int8 of 2-D tensors by
     per-row int8 with clip search; False uses the max-abs clip for per-row intN (and the
-    official int8 where it applies). ``clip_rule`` ("row_search" | "percentile") is the
-    search of per-row intN (quantize_int_per_row).
+    official int8 where it applies). ``clip_rule`` ("row_search" | "percentile" | "sdclip") is the
+    clip of per-row intN (quantize_int_per_row); under "sdclip", ``sdclip_k(name)`` gives each
+    tensor's k (None: SDCLIP_K by sdclip_group).
 
     ``roles``: {parameter name: "scheme" | "int8" | "fp32" | "fp16"} from the parameters' roles
-    (pgolf.model.roles.export_treatment): a small float tensor stays fp32 when its role says
-    "fp32" and is stored as fp16 otherwise; a large 2-D one whose role says "int8" (embedding
+    (pgolf.model.roles.export_treatment, or "int8_row": a 2-D float tensor of any size stored as
+    per-row int8 with max-abs scales, as PR #1855's attention gates): a small float tensor stays
+    fp32 when its role says "fp32" and is stored as fp16 otherwise; a large 2-D one whose role says "int8" (embedding
     tables, an untied head) gets the int8 scheme's default whatever ``scheme`` is, unless
     ``bits_for`` decides. Tensors without a role (buffers, a second name of a shared parameter)
     and every tensor when ``roles`` is None follow the name patterns (CONTROL_PATTERNS,
@@ -225,8 +254,11 @@ def quantize_state_dict(
             int8 = role == "int8" or (role is None and any(p in name for p in EMBEDDING_PATTERNS))
             spec = (None if official else 8) if scheme == "int8" or int8 else default_bits
         keep_fp32 = False if controls == "fp16" else None if role is None else role == "fp32"
-        qt = quantize_tensor(name, tensor, spec, clip_search=search, grid=grid, keep_fp32=keep_fp32,
-                             clip_rule=clip_rule)
+        if role == "int8_row" and tensor.is_floating_point() and tensor.ndim == 2:
+            qt = quantize_int_per_row(tensor, 8, clip_search=False)  # max|row| / 127, whatever its size
+        else:
+            qt = quantize_tensor(name, tensor, spec, clip_search=search, grid=grid, keep_fp32=keep_fp32,
+                                 clip_rule=clip_rule, sdclip_k=None if sdclip_k is None else sdclip_k(name))
         out[name] = qt
         stats.param_count += tensor.numel()
         stats.num_tensors += 1
@@ -252,5 +284,22 @@ def dequantize_tensor(qt: QuantizedTensor) -> torch.Tensor:
 
 
 def dequantize_state_dict(qdict: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
-    """Rebuild a float state dict (same names and order) from ``qdict``."""
-    return {name: dequantize_tensor(qt) for name, qt in qdict.items()}
+    """Rebuild a float state dict (same names and order, LQER factors left out) from ``qdict``.
+    A tensor with an LQER correction is ``W_hat + A @ B`` in float32 (A, B its dequantized
+    factors), then cast to its dtype, as PR #1855 reloads it (BEST:2330-2340)."""
+    factors = [n for n in qdict if n.endswith((LQER_A, LQER_B))]
+    for name in factors:
+        base = name[:-len(LQER_A if name.endswith(LQER_A) else LQER_B)]
+        if base not in qdict or (base + LQER_A) not in qdict or (base + LQER_B) not in qdict:
+            raise ValueError(f"LQER factor {name!r} needs both factors and the tensor {base!r} it corrects")
+    out = {}
+    for name, qt in qdict.items():
+        if factors and name.endswith((LQER_A, LQER_B)):
+            continue
+        if not factors or name + LQER_A not in qdict:
+            out[name] = dequantize_tensor(qt)
+            continue
+        a, b = (get_quantizer(f.kind).dequantize(f) for f in (qdict[name + LQER_A], qdict[name + LQER_B]))
+        w = get_quantizer(qt.kind).dequantize(qt).float()
+        out[name] = (w + a @ b).to(dtype=dtype_from_name(qt.orig_dtype)).contiguous()
+    return out

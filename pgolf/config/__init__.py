@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pgolf.compress.config import GPTQ_CALIBRATION, ExportConfig
-from pgolf.config.ranges import NUMERIC_RULES, Range, range_problems
+from pgolf.config.ranges import NUMERIC_RULES, Range, export_switch_problems, per_group_problems, range_problems
 from pgolf.data.config import DataConfig
 from pgolf.model.config import ModelConfig
 from pgolf.train.config import EMAConfig, OptimConfig, QATConfig, RunConfig, SWAConfig, TrainConfig
@@ -275,10 +275,13 @@ def validate(config: Config) -> None:
     except ValueError as exc:
         problems.append(f"export.policy: {exc}")
     for key, options in (("clip_search", ("auto", "on", "off")), ("storage", ("auto", "packed", "bytes")),
-                         ("layout", ("auto", "plain", "grouped")), ("clip_rule", CLIP_RULES), ("controls", CONTROLS),
+                         ("layout", ("auto", "plain", "grouped", "per_group")), ("clip_rule", CLIP_RULES),
+                         ("controls", CONTROLS),
                          ("gptq_calibration", GPTQ_CALIBRATION)):
         if getattr(e, key) not in options:
             problems.append(f"export.{key} must be one of {', '.join(options)}, got '{getattr(e, key)}'")
+    problems.extend(per_group_problems(e))
+    problems.extend(export_switch_problems(config))
     if e.gptq_reserve_seconds > 0 and not (e.gptq or e.allocate):
         problems.append("export.gptq_reserve_seconds reserves time for the calibration of GPTQ or the allocator: "
                         "set export.gptq=true (or export.allocate=true) too")
@@ -299,6 +302,9 @@ def validate(config: Config) -> None:
                 ("data.byte_sidecar", config.data.byte_sidecar))
     problems += [f"{key} must be auto, on or off, got '{value}'" for key, value in switches
                  if value not in ("auto", "on", "off")]
+    if config.data.packed_row and not m.doc_mask:
+        problems.append("data.packed_row=true makes each micro-batch one row; without model.doc_mask its attention "
+                        "would span the whole micro-batch: set model.doc_mask=true (and model.max_span)")
     if config.data.caseops and config.data.byte_sidecar == "off":
         problems.append("data.caseops=true scores the original text's bytes from the byte sidecar: "
                         "data.byte_sidecar must be auto or on")

@@ -161,9 +161,52 @@ NUMERIC_RULES: dict[str, Range] = {
     "export.gptq_damp": at_least(0.0, "the fraction of the mean Hessian diagonal added, 0.01 usually"),
     "export.gptq_reserve_seconds": at_least(0.0, "0: none, or measured for export.gptq_calibration=train_reserved"),
     "export.allocate_budget": at_least(0, "0: 16,000,000 minus the code bytes"),
+    "export.sdclip_k_mlp": positive("the clip in standard deviations of the row, 11.5 in PR #1855"),
+    "export.sdclip_k_attn": positive("the clip in standard deviations of the row, 13.0 in PR #1855"),
+    "export.sdclip_k_embed": positive("the clip in standard deviations of the row, 14.0 in PR #1855"),
+    "export.sdclip_k_other": positive("the clip in standard deviations of the row"),
+    "export.lqer_rank": at_least(0, "0: no LQER correction; PR #1855 uses 4"),
+    "export.lqer_top": COUNT,
+    "export.lqer_a_bits": Range(2, 8, note="PR #1855 stores A as int2"),
+    "export.lqer_b_bits": Range(2, 8, note="PR #1855 stores B as int4"),
+    "export.lqer_b_group": COUNT,
     # [run]
     "run.threads": at_least(0, "0: auto, the cores divided among the pgolf runs training on this host"),
 }
+
+
+def export_switch_problems(config: Any) -> list[str]:
+    """PR #1855's export switches that would do nothing in this config, each naming what to set."""
+    e, m, problems = config.export, config.model, []
+    if e.gptq_embedding and not (e.gptq or e.allocate):
+        problems.append("export.gptq_embedding=true gives GPTQ (and the allocator) the tied embedding's Hessian: "
+                        "set export.gptq=true (or export.allocate=true) too")
+    elif e.gptq_embedding and not m.tie_embeddings:
+        problems.append("export.gptq_embedding=true takes the tied embedding's Hessian from the head's input: set "
+                        "model.tie_embeddings=true, or leave export.gptq_embedding off (an untied head has its own)")
+    if e.attn_gate_int8 and m.attn_gate_dims == 0:
+        problems.append("export.attn_gate_int8=true stores the attention output gates as int8 and there are none: "
+                        "set model.attn_gate_dims (12 in PR #1855), or leave export.attn_gate_int8 off")
+    return problems
+
+
+def per_group_problems(export: Any) -> list[str]:
+    """What is wrong with the per-group compression keys of an [export] section (export.layout=per_group,
+    row_order, group_backend); a backend that is not installed is named with what to install."""
+    e = export
+    if e.layout != "per_group":
+        return [f"export.{key} applies to export.layout=per_group only: set that too, or leave export.{key} at "
+                f"{default!r}" for key, default in (("row_order", []), ("group_backend", "brotli"))
+                if getattr(e, key) != default]
+    # torch and the optional module: only for a per_group config (pgolf.train.shipping ships it then)
+    from pgolf.compress.container import ArtifactError, check_compressor
+    from pgolf.compress.grouping import GroupError, check_options
+
+    try:
+        check_options(e.storage, e.row_order, e.group_backend, check_compressor)
+    except (GroupError, ArtifactError) as exc:
+        return [f"export.layout=per_group: {exc}"]
+    return []
 
 
 def range_problems(values: dict[str, Any], rules: dict[str, Range]) -> list[str]:

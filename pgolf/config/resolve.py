@@ -55,10 +55,13 @@ CAPABILITIES = frozenset({
     # start, a training callback), model.skip_gates, model.parallel_from, model.attn_gate_dims, model.embed
     "muon_wd", "polar_express", "muon_row_norm", "min_lr",  # optim.muon_wd, muon_ns, muon_row_norm, train.min_lr
     "fp16_embedding", "mixed_bits", "gptq", "bit_allocation",  # export.*
+    "per_group",  # export.layout=per_group (export.row_order, export.group_backend)
+    "sdclip", "lqer", "attn_gate_int8", "gptq_embedding",  # export.clip_rule=sdclip, lqer_rank, attn_gate_int8,
+    # gptq_embedding
     "qat", "ema", "swa",  # training callbacks: qat.*, ema.*, swa.*
     "sliding_eval", "ttt",  # train.eval_stride, pgolf eval --stride / --ttt
     "caseops", "byte_sidecar",  # data.caseops, data.byte_sidecar
-    "doc_mask", "doc_packing",  # model.doc_mask (+ model.max_span), data.doc_packing
+    "doc_mask", "doc_packing", "packed_row",  # model.doc_mask (+ model.max_span), data.doc_packing, data.packed_row
 })
 
 

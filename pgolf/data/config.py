@@ -29,3 +29,7 @@ class DataConfig:
     # #1855's document-packing loader: each training step's chunk lies inside one shard, a shard
     # is read from its first model.bos_id token on and its tail too short for a step is skipped.
     doc_packing: bool = False
+    # Each training micro-batch enters the model as one row of all its tokens, not rows of
+    # train.train_seq_len: #1855's packed varlen row, where a document crossing a row boundary is
+    # not cut there. Needs model.doc_mask (attention stays inside documents and max_span).
+    packed_row: bool = False

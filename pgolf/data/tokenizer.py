@@ -34,6 +34,7 @@ __all__ = [
     "ByteTokenizer",
     "load_tokenizer",
     "check_vocab",
+    "check_bos",
     "bits_per_byte",
 ]
 
@@ -263,6 +264,17 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
             f"tokenizer {tokenizer.name} has vocabulary {n} but model.vocab_size={m}; "
             f"set model.vocab_size={n} (VOCAB_SIZE={n}) or use the matching tokenizer"
         )
+
+
+def check_bos(tokenizer: Tokenizer, bos_id: int, used_by: str) -> None:
+    """Raise unless the tokenizer starts each document with bos_id: the features in `used_by`
+    find document starts by that id, and a wrong one silently masks or smears across documents."""
+    actual = int(tokenizer.bos_id)
+    if actual != int(bos_id):
+        has = f"starts documents with id {actual}" if actual >= 0 else "has no BOS token"
+        fix = f"set model.bos_id={actual}" if actual >= 0 else "use a tokenizer with a BOS token"
+        raise TokenizerError(f"{used_by} find documents by model.bos_id={bos_id}, but tokenizer {tokenizer.name} "
+                             f"{has}; {fix}")
 
 
 def bits_per_byte(loss_sum_nats: float, token_count: int | float, byte_count: int | float) -> float:

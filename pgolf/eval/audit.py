@@ -38,6 +38,9 @@ def audit_receipt(data: dict) -> AuditReport:
         raise AuditFailure("receipt content does not match its sha256: it was edited after it was written")
     if data["total_targets"] <= 0:
         raise AuditFailure("the receipt scores no targets")
+    if data["kind"] == "doc_lora":
+        loss_sum, tokens, nbytes, updates = _replay_doc_lora(data)
+        return _check_totals(data, loss_sum, tokens, nbytes, updates)
     state = data["initial_state"]
     consumed_upto = -1  # highest token index any update so far has trained on
     covered = 0  # targets 1..covered are scored
@@ -75,6 +78,94 @@ def audit_receipt(data: dict) -> AuditReport:
             raise AuditFailure(f"event {i}: unknown type {e.get('type')!r}")
     if covered != data["total_targets"]:
         raise AuditFailure(f"only targets 1..{covered} of {data['total_targets']} were scored")
+    return _check_totals(data, loss_sum, tokens, nbytes, updates)
+
+
+def _replay_doc_lora(data: dict) -> tuple[float, int, int, int]:
+    """The per-document LoRA receipt (pgolf.eval.doc_ttt): (loss_sum, tokens, bytes, updates).
+
+    Checks: documents never overlap and together tile 1..T (each target scored exactly once);
+    each document's windows read only its own tokens (from its BOS, token lo, to its last input,
+    hi - 1); its chunk events are "s u s u ... s", one per chunk of chunk_tokens targets, each
+    update right after the score of the chunk it trains on (scored before any update uses it);
+    each batch is scored by the current base state, and its LoRA A starts fresh or where the same
+    rank's previous batch left it (so it was trained only on documents scored before); a global
+    phase starts from the current state and trains only on documents already scored."""
+    settings, total = data["settings"], data["total_targets"]
+    chunk = settings["chunk_tokens"]
+    if not isinstance(chunk, int) or chunk < 1:
+        raise AuditFailure(f"settings.chunk_tokens must be a positive integer, got {chunk!r}")
+    state = data["initial_state"]
+    scored: set[tuple[int, int]] = set()
+    lora_end: dict[int, str] = {}  # rank -> its LoRA A at the end of its last batch
+    after_phase: set[int] = set()  # ranks that have not scored a batch since the last phase
+    loss_sum, tokens, nbytes, updates = 0.0, 0, 0, 0
+    for i, e in enumerate(data["events"]):
+        if e["type"] == "batch":
+            rank = e["rank"]
+            if e["state"] != state:
+                raise AuditFailure(f"event {i}: batch {e['batch']} was scored by base state {e['state']}, which no "
+                                   f"recorded phase produced (current state {state})")
+            if e["lora_fresh"]:
+                if rank in lora_end and rank not in after_phase:
+                    raise AuditFailure(f"event {i}: rank {rank} started batch {e['batch']} with fresh LoRAs in the "
+                                       "middle of a phase: LoRAs are only rebuilt after a global phase")
+            elif lora_end.get(rank) != e["lora_start"]:
+                raise AuditFailure(f"event {i}: batch {e['batch']} starts from LoRA A {e['lora_start']}, but rank "
+                                   f"{rank}'s previous batch ended at {lora_end.get(rank)}: adapted weights of "
+                                   f"unknown origin")
+            lora_end[rank] = e["lora_end"]
+            after_phase.discard(rank)
+            for row in e["docs"]:
+                lo, hi, ctx_from, ctx_to, loss, count, doc_bytes, ops = row
+                where = f"event {i}: document ({lo}, {hi}]"
+                if not 0 <= lo < hi <= total:
+                    raise AuditFailure(f"{where} is not a target range within 1..{total}")
+                if (lo, hi) in scored:
+                    raise AuditFailure(f"{where} is scored twice: every target must be scored exactly once")
+                if ctx_from < lo or ctx_to > hi - 1:
+                    raise AuditFailure(f"{where} was scored with tokens {ctx_from}..{ctx_to}, outside its own "
+                                       f"{lo}..{hi - 1}: context from another document")
+                if count != hi - lo:
+                    raise AuditFailure(f"{where} has {hi - lo} targets but reports {count}")
+                n = -(-(hi - lo) // chunk)
+                if ops != "su" * (n - 1) + "s":
+                    first = next((k for k, (a, b) in enumerate(zip(ops, "su" * (n - 1) + "s")) if a != b),
+                                 min(len(ops), 2 * n - 1))
+                    raise AuditFailure(f"{where}: chunk events {ops[:40]!r}{'...' if len(ops) > 40 else ''} are not "
+                                       f"'s u s u ... s' over its {n} chunks (first departure at event {first}): "
+                                       "each chunk must be scored before the one update that trains on it")
+                scored.add((lo, hi))
+                loss_sum += loss
+                tokens += count
+                nbytes += doc_bytes
+                updates += n - 1
+        elif e["type"] == "phase":
+            if e["before"] != state:
+                raise AuditFailure(f"event {i}: global phase {e['phase']} starts from state {e['before']} but the "
+                                   f"model was {state}")
+            unscored = [tuple(d) for d in e["docs"] if tuple(d) not in scored]
+            if unscored:
+                lo, hi = unscored[0]
+                raise AuditFailure(f"event {i}: global phase {e['phase']} trained on {len(unscored)} document(s) not "
+                                   f"yet scored, first ({lo}, {hi}]: phases may train only on scored documents")
+            state = e["after"]
+            after_phase = set(lora_end)
+            updates += 1
+        else:
+            raise AuditFailure(f"event {i}: unknown type {e.get('type')!r} in a doc_lora receipt")
+    covered = 0
+    for lo, hi in sorted(scored):
+        if lo != covered:
+            raise AuditFailure(f"targets ({covered}, {lo}] are not scored by any document" if lo > covered else
+                               f"document ({lo}, {hi}] overlaps targets up to {covered}: scored twice")
+        covered = hi
+    if covered != total:
+        raise AuditFailure(f"only targets 1..{covered} of {total} were scored")
+    return loss_sum, tokens, nbytes, updates
+
+
+def _check_totals(data: dict, loss_sum: float, tokens: int, nbytes: int, updates: int) -> "AuditReport":
     totals = data["totals"]
     if (totals["loss_sum"], totals["tokens"], totals["bytes"]) != (loss_sum, tokens, nbytes):
         raise AuditFailure(f"reported totals {totals['loss_sum']}, {totals['tokens']}, {totals['bytes']} differ "
@@ -172,6 +263,8 @@ def rescore_file(path: str | Path, artifact: str | Path | None = None, data_dir:
     data = json.loads(path.read_text(encoding="utf-8"))
     info = data.get("info") or {}
     kind, settings, total = data["kind"], data["settings"], data["total_targets"]
+    if kind == "doc_lora" and sample is not None:
+        raise AuditFailure("--sample does not apply to a doc_lora receipt: its rescore replays every batch")
     if str(info.get("source", "")).startswith("live weights"):
         raise AuditFailure(f"receipt {path} scored a checkpoint's live weights ({info['source']}), not an artifact: "
                            "there is no artifact to rescore it from")
@@ -205,6 +298,9 @@ def rescore_file(path: str | Path, artifact: str | Path | None = None, data_dir:
                            f"{fingerprint}, the receipt's initial state {data['initial_state']} (pass --artifact "
                            "with the artifact that was evaluated)")
     lines.append(f"model fingerprint {fingerprint} equals the receipt's initial state")
+
+    if kind == "doc_lora":
+        return _rescore_doc_lora(data, cfg, state, dev, recorded, world, lines, audit)
 
     # 2. The same computation: windows per batch, device type, forward, accumulation order.
     seq_len, stride = int(settings["seq_len"]), int(settings["stride"])
@@ -306,3 +402,58 @@ def rescore_file(path: str | Path, artifact: str | Path | None = None, data_dir:
         lines.append(f"NOT recomputed: chunks {replay + 1}..{len(scores)} (targets ({scores[replay]['lo']}, "
                      f"{total}]); run without --sample to replay every chunk")
     return RescoreReport(kind, audit.val_bpb, lines, not approx and replay == len(scores))
+
+
+def _rescore_doc_lora(data: dict, cfg, state: dict, dev, recorded: str, world: int, lines: list[str],
+                      audit: AuditReport) -> RescoreReport:
+    """Replay per-document LoRA TTT with the receipt's settings and compare every batch (its
+    documents' sums, the base state, the LoRA fingerprints) and phase with the receipt's."""
+    import dataclasses
+
+    from pgolf.data.shards import load_validation_tokens, validation_bytes
+    from pgolf.data.tokenizer import check_vocab, load_tokenizer
+    from pgolf.eval.doc_ttt import DocTTTConfig, run_doc_ttt
+    from pgolf.model.gpt import build_model
+
+    settings, total = data["settings"], data["total_targets"]
+    if world > 1:
+        raise AuditFailure(f"the receipt was scored by {world} ranks, each with its own chain of LoRA A matrices; "
+                           "a rescore replays one process: rescore receipts of single-process evaluations")
+    fields = {f.name for f in dataclasses.fields(DocTTTConfig)}
+    dcfg = DocTTTConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items() if k in fields})
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    check_vocab(tokenizer, cfg.model.vocab_size)
+    val_tokens = load_validation_tokens(cfg.val_files(), 1)
+    if val_tokens.numel() - 1 < total:
+        raise AuditFailure(f"the validation split {cfg.val_files()} has {val_tokens.numel() - 1:,} targets but the "
+                           f"receipt scored {total:,}: pass --data DIR with the split it was scored on")
+    tokens = val_tokens[: total + 1]
+    luts = validation_bytes(cfg, tokenizer, tokens.numel(), dev)
+    model = build_model(cfg.model, dev)
+    model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=True)
+    _, replay = run_doc_ttt(model, tokens, luts, dcfg, dev, bos_id=settings["bos_id"])
+    rel_tol = 0.0 if recorded == dev.type else APPROX_REL_TOL
+    want, got = data["events"], replay.events
+    if [e["type"] for e in want] != [e["type"] for e in got]:
+        raise AuditFailure("the replay's batches and phases differ from the receipt's: "
+                           f"{[e['type'] for e in got]} vs {[e['type'] for e in want]}")
+    for i, (w, g) in enumerate(zip(want, got)):
+        if w["type"] == "phase":
+            if rel_tol == 0 and w["after"] != g["after"]:
+                raise AuditFailure(f"event {i}: global phase {w['phase']} replayed gives state {g['after']}, the "
+                                   f"receipt says {w['after']}")
+            continue
+        if rel_tol == 0 and (w["state"], w["lora_end"]) != (g["state"], g["lora_end"]):
+            raise AuditFailure(f"event {i}: batch {w['batch']} replayed gives base state {g['state']} and LoRA A "
+                               f"{g['lora_end']}, the receipt says {w['state']} and {w['lora_end']}")
+        for wr, gr in zip(w["docs"], g["docs"]):
+            if wr[:2] != gr[:2]:
+                raise AuditFailure(f"event {i}: batch {w['batch']} holds document ({wr[0]}, {wr[1]}], the replay "
+                                   f"({gr[0]}, {gr[1]}]")
+            _check_range("document", wr[0], wr[1], (gr[4], gr[5], gr[6]), (wr[4], wr[5], wr[6]), rel_tol)
+    how = "bit for bit" if rel_tol == 0 else (f"within relative {rel_tol:g} (scored on {recorded}, replayed on "
+                                             f"{dev.type}), counts exactly")
+    lines.append(f"replayed per-document LoRA TTT over {settings['documents']} documents in {settings['batches']} "
+                 f"batches: every document's sums equal the receipt's {how}"
+                 + (", and so do the base and LoRA states after every batch and phase" if rel_tol == 0 else ""))
+    return RescoreReport("doc_lora", audit.val_bpb, lines, rel_tol == 0)

@@ -5,6 +5,12 @@ A receipt is a JSON record of one evaluation, as an ordered list of events:
           that scored it, and the exact partial sums (nats, tokens, bytes);
   update  (test-time training) the token range [lo, hi] an update consumed, and the state
           fingerprints before and after it.
+Per-document LoRA TTT (kind doc_lora, pgolf.eval.doc_ttt) records instead:
+  batch   one batch of documents: its rank, the base state that scored it, the fingerprints of
+          the LoRA A matrices at its start (and whether fresh) and end, and per document a row
+          DOC_ROW: its target range, the first and last token its windows read, its sums, and
+          the order of its chunk events ("s" scored, "u" an update on the chunk just scored);
+  phase   a global phase: the base states before and after it and the documents it trained on.
 The audit (pgolf.eval.audit) replays the events: the scored ranges must tile 1..T exactly once;
 each score must use the current state; no target may be scored by a state whose updates
 consumed that target or any later token (score first, adapt after); the reported totals must
@@ -26,6 +32,7 @@ from pgolf.data.tokenizer import bits_per_byte
 from pgolf.runtime.files import atomic_write
 
 RECEIPT_FORMAT = "pgolf-eval-receipt/1"
+DOC_ROW = ("lo", "hi", "ctx_from", "ctx_to", "loss_sum", "tokens", "bytes", "ops")
 
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -37,14 +44,20 @@ def state_fingerprint(model: nn.Module) -> str:
     Per tensor: the int64 sums (wrapping) of each element's bit pattern, plain and weighted by
     an odd position-dependent multiplier, hashed with the names. Any change of any bit, or any
     reordering, changes it with overwhelming probability, at a fraction of hashing the bytes."""
+    return tensors_fingerprint(model.named_parameters())
+
+
+def tensors_fingerprint(named) -> str:
+    """state_fingerprint of (name, tensor) pairs (e.g. only the LoRA A matrices)."""
+    named = sorted(named, key=lambda item: item[0])
     rows = []
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
+        for name, p in named:
             bits = p.detach().reshape(-1).contiguous().view(_INT_VIEW[p.element_size()]).long()
             weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) * 0x9E3779B1 + 1
             rows.append(torch.stack((bits.sum(), (bits * (weights | 1)).sum())))
     digest = hashlib.sha256()
-    for (name, _), values in zip(sorted(model.named_parameters()), torch.stack(rows).cpu().tolist()):
+    for (name, _), values in zip(named, torch.stack(rows).cpu().tolist()):
         digest.update(name.encode())
         digest.update(json.dumps(values).encode())
     return digest.hexdigest()[:32]
@@ -52,7 +65,7 @@ def state_fingerprint(model: nn.Module) -> str:
 
 @dataclass
 class Receipt:
-    kind: str  # standard | sliding | ttt
+    kind: str  # standard | sliding | ttt | doc_lora
     settings: dict
     total_targets: int
     initial_state: str
@@ -75,6 +88,11 @@ class Receipt:
                 loss_sum += e["loss_sum"]
                 tokens += e["tokens"]
                 nbytes += e["bytes"]
+            elif e["type"] == "batch":  # doc_lora: one row per document, DOC_ROW's fields
+                for row in e["docs"]:
+                    loss_sum += row[4]
+                    tokens += row[5]
+                    nbytes += row[6]
         self.totals = {"loss_sum": loss_sum, "tokens": tokens, "bytes": nbytes,
                        "val_loss": loss_sum / tokens, "val_bpb": bits_per_byte(loss_sum, tokens, nbytes)}
         return self.totals

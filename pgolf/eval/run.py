@@ -26,6 +26,8 @@ from pgolf.rules import EVAL_TIME_LIMIT_S
 from pgolf.runs import RunDir, RunHooks, read_json
 from pgolf.data.tokenizer import check_vocab, load_tokenizer
 from pgolf.eval.ttt import TTTConfig, run_ttt
+from pgolf.eval.doc_ttt import DocTTTConfig, run_doc_ttt
+from pgolf.eval.lora import SITES
 
 
 
@@ -36,6 +38,7 @@ class EvalOptions:
     batch_windows: int = 64
     max_tokens: int = 0  # 0: the whole validation split
     ttt: TTTConfig | None = None
+    doc_ttt: DocTTTConfig | None = None  # per-document LoRA TTT (pgolf.eval.doc_ttt); excludes ttt
     live: bool = False  # score the run's last checkpoint instead of the artifact
     data_dir: str | None = None
     receipt_path: str | None = None
@@ -61,13 +64,40 @@ TTT_OPTION_RULES: dict[str, tuple[str, Range]] = {
     "grad_clip": ("--ttt-clip", at_least(0.0, "0: no clipping")),
     "batch_seqs": ("--ttt-batch", COUNT),
 }
+DOC_TTT_OPTION_RULES: dict[str, tuple[str, Range]] = {
+    "chunk_tokens": ("--doc-chunk", COUNT),
+    "context": ("--doc-context", COUNT),
+    "batch_docs": ("--doc-batch", COUNT),
+    "rank": ("--lora-rank", COUNT),
+    "alpha": ("--lora-alpha", positive()),
+    "lr": ("--lora-lr", at_least(0.0, "0: score the documents without adapting")),
+    "beta2": ("--lora-beta2", MOMENTUM),
+    "weight_decay": ("--lora-wd", at_least(0.0)),
+    "phase_lr": ("--phase-lr", at_least(0.0, "0: phases leave the base model as it is")),
+    "phase_momentum": ("--phase-momentum", MOMENTUM),
+    "phase_epochs": ("--phase-epochs", at_least(0, "0: no global phase training")),
+    "phase_chunk_tokens": ("--phase-chunk", COUNT),
+    "phase_batch_seqs": ("--phase-batch", COUNT),
+    "phase_clip": ("--phase-clip", at_least(0.0, "0: no clipping")),
+}
 
 
-def check_eval_options(opts: EvalOptions, ttt: TTTConfig | None = None) -> None:
-    """Raise ConfigError (a usage error) naming every option outside its range; ttt defaults to
-    opts.ttt. None means the option's default (--stride, --seq-len: from the run)."""
+def check_eval_options(opts: EvalOptions, ttt: TTTConfig | None = None, doc_ttt: DocTTTConfig | None = None) -> None:
+    """Raise ConfigError (a usage error) naming every option outside its range; ttt and doc_ttt
+    default to opts'. None means the option's default (--stride, --seq-len: from the run)."""
     problems = []
-    for obj, rules in ((opts, EVAL_OPTION_RULES), (ttt or opts.ttt, TTT_OPTION_RULES)):
+    doc_ttt = doc_ttt or opts.doc_ttt
+    if opts.ttt and opts.doc_ttt:
+        problems.append("score-first SGD TTT (--ttt) and per-document LoRA TTT (--ttt-mode doc_lora) exclude "
+                        "each other: choose one")
+    if doc_ttt is not None:
+        if not all(isinstance(n, int) and n >= 1 for n in doc_ttt.phases) or list(doc_ttt.phases) != sorted(
+                set(doc_ttt.phases)):
+            problems.append(f"--phases must be increasing positive document counts, e.g. 833,1666,2500 (none: no "
+                            f"global phases), got {','.join(map(str, doc_ttt.phases))}")
+        if not doc_ttt.sites or set(doc_ttt.sites) - set(SITES):
+            problems.append(f"--lora-sites must name some of {','.join(SITES)}, got {','.join(doc_ttt.sites)}")
+    for obj, rules in ((opts, EVAL_OPTION_RULES), (ttt or opts.ttt, TTT_OPTION_RULES), (doc_ttt, DOC_TTT_OPTION_RULES)):
         if obj is not None:
             values = {option: getattr(obj, name) for name, (option, _) in rules.items()
                       if getattr(obj, name) is not None}
@@ -127,11 +157,14 @@ def _receipt_path(folder: Path, kind: str, given: str | None) -> Path:
 
 def run_eval(target: str, opts: EvalOptions, log=print, hooks: RunHooks = RunHooks()) -> dict:
     check_eval_options(opts)
+    start = time.perf_counter()  # the projection counts reading and decompressing the artifact too
     cfg, state, folder, source = load_target(target, opts.live)
     use_data_dir(cfg, opts.data_dir)
+    load_seconds = time.perf_counter() - start
     info = setup_distributed(opts.device)
     try:
-        result = _evaluate(cfg, state, folder, source, opts, info, log if info.is_main else (lambda *_: None))
+        result = _evaluate(cfg, state, folder, source, opts, info, log if info.is_main else (lambda *_: None),
+                           load_seconds)
         if info.is_main and Path(target).is_dir() and not (opts.live or opts.data_dir):
             hooks.eval_scored(Path(target), result["kind"], result, result["stride"])
         info.barrier()  # on success, no rank tears down while another still has collectives in flight
@@ -140,7 +173,8 @@ def run_eval(target: str, opts: EvalOptions, log=print, hooks: RunHooks = RunHoo
         teardown_distributed(info)
 
 
-def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOptions, info: DistInfo, log) -> dict:
+def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOptions, info: DistInfo, log,
+              load_seconds: float = 0.0) -> dict:
     seq_len = opts.seq_len or cfg.train.train_seq_len
     # By default the run's own protocol, the stride its roundtrip was scored with (within the window).
     stride = min(cfg.train.eval_stride or seq_len, seq_len) if opts.stride is None else opts.stride
@@ -159,16 +193,27 @@ def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOpt
     model.load_state_dict({k: v.to(info.device) for k, v in state.items()}, strict=True)
     # The compiled module shares the parameters: TTT updates and fingerprints see the same weights.
     scorer = model
-    if opts.compile == "on" or (opts.compile == "auto" and info.device.type == "cuda"):
+    if not opts.doc_ttt and (opts.compile == "on" or (opts.compile == "auto" and info.device.type == "cuda")):
         scorer = torch.compile(model, dynamic=False)
-    kind = "ttt" if opts.ttt else ("standard" if stride == seq_len else "sliding")
+    kind = "doc_lora" if opts.doc_ttt else "ttt" if opts.ttt else ("standard" if stride == seq_len else "sliding")
     given = " (the run's train.eval_stride)" if opts.stride is None and stride < seq_len else ""
-    log(f"eval: {source}; {kind}, seq_len {seq_len}, stride {stride}{given}, {targets:,} of {full_targets:,} targets")
+    how = (f"context {opts.doc_ttt.context}, chunk {opts.doc_ttt.chunk_tokens}" if opts.doc_ttt else
+           f"seq_len {seq_len}, stride {stride}{given}")
+    log(f"eval: {source}; {kind}, {how}, {targets:,} of {full_targets:,} targets")
 
     if info.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    if opts.ttt:
+    if opts.doc_ttt:  # eager: its LoRA hooks and varying window lengths do not suit the compiled graph
+        def doc_progress(batch: int, batches: int, phase_docs: int | None) -> None:
+            if phase_docs is not None:
+                log(f"doc_lora global phase on the {phase_docs} documents scored")
+            elif batch % 20 == 0:
+                log(f"doc_lora batch {batch}/{batches}")
+
+        sums, receipt = run_doc_ttt(model, val_tokens, luts, opts.doc_ttt, info.device, info.rank, info.world_size,
+                                    progress=doc_progress)
+    elif opts.ttt:
         sums, receipt = run_ttt(model, val_tokens, luts, seq_len, stride, opts.batch_windows, opts.ttt, info.device,
                                 info.rank, info.world_size,
                                 progress=lambda n, total, s: log(f"ttt chunk {n}/{total}") if n % 50 == 0 else None,
@@ -183,8 +228,9 @@ def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOpt
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     result = to_result(sums)
-    projected = seconds * full_targets / targets
+    projected = load_seconds + seconds * full_targets / targets
     receipt.info = {"source": source, "eval_seconds": round(seconds, 3), "projected_full_seconds": round(projected, 1),
+                    "load_seconds": round(load_seconds, 3),
                     "world_size": info.world_size, "device": str(info.device),
                     # how the sums were accumulated, for `pgolf audit --rescore`
                     "batch_windows": opts.batch_windows, "compiled": scorer is not model, "fused_loss": False,
@@ -192,10 +238,11 @@ def _evaluate(cfg: Config, state: dict, folder: Path, source: str, opts: EvalOpt
     receipt_path = info.main_only(write_receipt, _receipt_path(folder, kind, opts.receipt_path), receipt)
     log(f"{kind} val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} "
         f"({result.tokens:,} tokens, {result.bytes:,} bytes)")
-    log(f"eval_time: {seconds:.1f} s ({targets / seconds:,.0f} tokens/s); full split projected "
-        f"{projected:.1f} s of the {opts.budget_seconds:.0f} s budget")
+    log(f"eval_time: {seconds:.1f} s ({targets / seconds:,.0f} tokens/s) after {load_seconds:.1f} s loading the "
+        f"artifact; full split projected {projected:.1f} s of the {opts.budget_seconds:.0f} s budget")
     if projected > opts.budget_seconds:
         log(f"WARNING: projected evaluation time {projected:.0f} s exceeds the {opts.budget_seconds:.0f} s budget")
     log(f"receipt: {receipt_path} (check it with `pgolf audit {receipt_path}`)")
     return {"kind": kind, "stride": stride, **result.to_dict(), "eval_seconds": seconds,
-            "projected_full_seconds": projected, "over_budget": projected > opts.budget_seconds, "receipt": str(receipt_path)}
+            "load_seconds": load_seconds, "projected_full_seconds": projected,
+            "over_budget": projected > opts.budget_seconds, "receipt": str(receipt_path)}

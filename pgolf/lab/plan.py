@@ -212,7 +212,7 @@ def _pack(qdict: dict, meta: dict, e, notes: list[str]) -> bytes:
     from pgolf.compress.container import pack_artifact
 
     storage, layout = e.storage, e.layout
-    if e.compressor != "zlib" and "auto" in (storage, layout):
+    if e.compressor != "zlib" and "auto" in (storage, layout) and layout != "per_group":  # per_group: nothing to rank
         trials: list[dict] = []
         pack_artifact(qdict, meta=meta, compressor="zlib", storage=storage, layout=layout, trials=trials)
         if len(trials) > 1:
@@ -220,7 +220,8 @@ def _pack(qdict: dict, meta: dict, e, notes: list[str]) -> bytes:
             storage, layout = chosen["storage"], chosen["layout"]
             notes.append(f"storage {storage} and layout {layout} ranked best by zlib; only that combination went "
                          f"through compressor {e.compressor} (training tries every one: within ~0.4%)")
-    return pack_artifact(qdict, meta=meta, compressor=e.compressor, storage=storage, layout=layout)
+    return pack_artifact(qdict, meta=meta, compressor=e.compressor, storage=storage, layout=layout,
+                         row_order=e.row_order, group_backend=e.group_backend)
 
 
 def levers(cfg: Config, size: dict, total_params: int) -> list[str]:

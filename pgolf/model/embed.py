@@ -119,7 +119,7 @@ def embed_problems(cfg: ModelConfig) -> list[str]:
     problems, defaults = [], ModelConfig()
     for name, field, keys in (("bigram", "embed", ("bigram_buckets", "bigram_dim")),
                               (VALUE_EMBED, "stream", ("ve_dim", "ve_layers")),
-                              ("smear_bos", "embed", ("smear_dims", "bos_id"))):
+                              ("smear_bos", "embed", ("smear_dims",))):  # bos_id: doc_mask, doc_packing read it too
         if name not in getattr(cfg, field):
             problems += [f"model.{key} applies only with model.{field} including {name}: add it there, or leave "
                          f"model.{key} at its default" for key in keys if getattr(cfg, key) != getattr(defaults, key)]

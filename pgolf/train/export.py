@@ -66,7 +66,7 @@ def pack_export(plan: ExportPlan, cfg) -> bytes:
     """The artifact's bytes: plan's tensors and artifact_meta(cfg), packed as cfg.export asks."""
     e = cfg.export
     return pack_artifact(plan.qdict, meta=artifact_meta(cfg), compressor=e.compressor, storage=e.storage,
-                         layout=e.layout)
+                         layout=e.layout, row_order=e.row_order, group_backend=e.group_backend)
 
 
 def describe_export(blob: bytes, log) -> dict:

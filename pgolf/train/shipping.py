@@ -21,6 +21,8 @@ OPTIONAL_MODULES: dict[str, Callable[[Config], bool]] = {
     "pgolf.data.synthetic": lambda cfg: cfg.data.source == "synthetic",
     "pgolf.compress.gptq": lambda cfg: cfg.export.gptq or cfg.export.allocate,  # allocation needs its Hessians
     "pgolf.compress.allocate": lambda cfg: cfg.export.allocate,
+    "pgolf.compress.grouping": lambda cfg: cfg.export.layout == "per_group",  # writes and reads such artifacts
+    "pgolf.compress.lqer": lambda cfg: cfg.export.lqer_rank > 0,  # the export's; a reload needs only quant
     "pgolf.train.calibration": lambda cfg: cfg.export.gptq or cfg.export.allocate,
     "pgolf.train.losses": lambda cfg: cfg.train.fused_loss != "off",  # auto: on for CUDA
     "pgolf.train.parallel_muon": lambda cfg: cfg.optim.parallel_muon != "off",  # auto: on for CUDA, world size > 1

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pgolf.config import Config
 from pgolf.data.shards import (DistributedTokenLoader, check_token_range, load_validation_tokens, read_shard_header,
                                resolve_shards, validation_bytes)
-from pgolf.data.tokenizer import check_vocab, load_tokenizer
+from pgolf.data.tokenizer import check_bos, check_vocab, load_tokenizer
 from pgolf.eval.windows import EvalResult, autocast_for, evaluate_bpb
 from pgolf.model.gpt import GPT, build_model
 from pgolf.runs import RunLogger, checkpoint_step, latest_checkpoint
@@ -70,6 +70,10 @@ def prepare_data(cfg: Config, info: DistInfo, logger: RunLogger) -> TrainData:
         info.main_only(ensure_synthetic_corpus, cfg.data, log=logger.log)
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     check_vocab(tokenizer, cfg.model.vocab_size)
+    bos_users = [name for name, on in (("model.doc_mask", cfg.model.doc_mask), ("model.embed=smear_bos",
+                 "smear_bos" in cfg.model.embed), ("data.doc_packing", cfg.data.doc_packing)) if on]
+    if bos_users:
+        check_bos(tokenizer, cfg.model.bos_id, " and ".join(bos_users))
     train_files = resolve_shards(cfg.train_files())
     for path in train_files:  # a corrupt shard fails now, not minutes into the run
         read_shard_header(path)
@@ -166,6 +170,10 @@ class Trainer:
                                              vocab_size=cfg.model.vocab_size,
                                              prefetch=resolve_switch(cfg.data.prefetch, info.device.type == "cuda"),
                                              bos_id=cfg.model.bos_id if cfg.data.doc_packing else None)
+        # Tokens per row of a micro-batch: data.packed_row makes it one row of all of them (#1855's
+        # varlen row), so document-masked segments start only at BOS and every model.max_span tokens.
+        self.row_tokens = (cfg.train.train_batch_tokens // (info.world_size * info.grad_accum_steps)
+                           if cfg.data.packed_row else cfg.train.train_seq_len)
         self.step = 0
         self.training_time_ms = 0.0
         self.callbacks = build_callbacks(cfg)  # QAT, EMA, ...: pgolf.train.callbacks
@@ -206,7 +214,7 @@ class Trainer:
             if self.info.distributed:
                 self.model.require_backward_grad_sync = sync = micro == accum - 1 and not per_rank
                 self.optimizers.arm_backward_sync(sync)
-            x, y = self.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum)
+            x, y = self.loader.next_batch(cfg.train_batch_tokens, self.row_tokens, accum)
             with autocast_for(self.info.device):
                 loss = self.model(x, y)
             total += loss.detach()

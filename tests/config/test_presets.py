@@ -234,6 +234,11 @@ CAPABILITY_SWITCHES = {
     "skip_gates": ["model.skip_gates=true"], "parallel_residual": ["model.parallel_from=5"],
     "attn_gate": ["model.attn_gate_dims=12"], "smear_bos": ["model.embed=smear_bos"],
     "doc_mask": ["model.doc_mask=true", "model.max_span=2048"], "doc_packing": ["data.doc_packing=true"],
+    "packed_row": ["model.doc_mask=true", "data.packed_row=true"],
+    "sdclip": ["export.scheme=int6", "export.clip_rule=sdclip"], "lqer": ["export.lqer_rank=4"],
+    "attn_gate_int8": ["model.attn_gate_dims=12", "export.attn_gate_int8=true"],
+    "gptq_embedding": ["export.gptq=true", "export.gptq_embedding=true"],
+    "per_group": ["export.layout=per_group", "export.group_backend=lzma"],  # lzma: installed everywhere
 }
 
 

@@ -261,3 +261,13 @@ def test_count_bytes_rejects_out_of_range_ids():
     luts = ByteLUTs(np.ones(4, np.int16), np.zeros(4, bool), np.zeros(4, bool))
     with pytest.raises(TokenizerError, match="vocab_size"):
         luts.count_bytes([0], [7])
+
+
+def test_check_bos_names_the_features_the_id_and_the_fix(sp_tok):
+    from pgolf.data.tokenizer import ByteTokenizer, TokenizerError, check_bos
+
+    check_bos(sp_tok, sp_tok.bos_id, "model.doc_mask")  # the official sp1024 tokenizer: BOS 1
+    check_bos(ByteTokenizer(), 1, "model.doc_mask")
+    with pytest.raises(TokenizerError, match=r"model.embed=smear_bos find documents by model.bos_id=3, but tokenizer "
+                                             r"\S+ starts documents with id 1; set model.bos_id=1"):
+        check_bos(sp_tok, 3, "model.embed=smear_bos")

@@ -261,7 +261,8 @@ def test_switches_off_are_the_official_model_bit_for_bit(keys):
     (dict(layout="loop", loop_start=2, loop_end=3, loop_passes=2, recurrence=2), "model.layout=loop excludes"),
     (dict(parallel_from=6), "model.parallel_from must be a block index below model.num_layers=6"),
     (dict(attn_gate_dims=33), "model.attn_gate_dims must be at most model.model_dim=32"),
-    (dict(bos_id=2), "model.bos_id applies only with model.embed including smear_bos"),
+    (dict(smear_dims=4), "model.smear_dims applies only with model.embed including smear_bos"),
+    (dict(doc_mask=True, bos_id=10_000), "model.doc_mask needs model.attention=gqa and model.bos_id below"),
     (dict(embed=["smear_bos"], smear_dims=40), "model.smear_dims must be at most model.model_dim=32"),
 ])
 def test_bad_settings_are_refused_by_name(keys, message):

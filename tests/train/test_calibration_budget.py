@@ -77,7 +77,7 @@ def test_self_generated_calibration_reads_no_training_data(monkeypatch):
     real_hessians = gptq.collect_hessians
     monkeypatch.setattr(gptq, "calibration_batches", refuse)
     monkeypatch.setattr(gptq.TokenStream, "take", refuse)
-    monkeypatch.setattr(gptq, "collect_hessians", lambda m, b: seen.append(b) or real_hessians(m, b))
+    monkeypatch.setattr(gptq, "collect_hessians", lambda m, b, **kw: seen.append(b) or real_hessians(m, b, **kw))
     from pgolf.compress.policy import plan_export
 
     plan = plan_export(model, cfg, [], torch.device("cpu"), code_bytes=0)

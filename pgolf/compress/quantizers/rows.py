@@ -19,7 +19,7 @@ from torch import Tensor
 from pgolf.compress.quantizers.base import Quantizer, QuantizedTensor, dtype_name, register_quantizer
 
 __all__ = ["MIN_BITS", "MAX_BITS", "MIN_SCALE", "DEFAULT_CLIP_GRID", "CLIP_RULES", "PERCENTILE_CANDIDATES",
-           "qmax_for", "fp16_scale", "round_codes", "row_scales", "percentile_scales", "quantize_rows",
+           "qmax_for", "fp16_scale", "round_codes", "row_scales", "percentile_scales", "sdclip_scales", "quantize_rows",
            "dequantize_rows", "quantization_error", "as_rows", "quantize_int_per_row"]
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -27,9 +27,10 @@ MIN_BITS, MAX_BITS = 2, 8
 DEFAULT_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.4 * i / 15, 6) for i in range(16))
 # stored scales lie in fp16's positive finite range: never 0 (an all-zero row) nor inf
 MIN_SCALE, _FP16_MAX = 2.0 ** -24, 65504.0
-# How a searched clip is chosen: "row_search" (row_scales: per row over DEFAULT_CLIP_GRID) or
-# "percentile" (percentile_scales: PR #549's rule, one of these quantiles of |row| per tensor).
-CLIP_RULES = ("row_search", "percentile")
+# How a searched clip is chosen: "row_search" (row_scales: per row over DEFAULT_CLIP_GRID),
+# "percentile" (percentile_scales: PR #549's rule, one of these quantiles of |row| per tensor) or
+# "sdclip" (sdclip_scales: PR #1855's k standard deviations of the row, no search).
+CLIP_RULES = ("row_search", "percentile", "sdclip")
 PERCENTILE_CANDIDATES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 _SEARCH_CHUNK_ELEMS = 1 << 22  # rows are searched in chunks of about this many elements
 
@@ -120,6 +121,23 @@ def percentile_scales(w: Tensor, bits: int) -> Tensor:
     return best
 
 
+def sdclip_scales(w: Tensor, bits: int, k: float) -> Tensor:
+    """PR #1855's SDClip: per-row scales of a 2-D ``w`` as float32 holding fp16 values,
+    ``fp16(k * std(w[r]) / qmax)``, std the sample standard deviation (n - 1) of the float32 row,
+    computed in that order as the record does (BEST:2162-2163), so the codes match it bit for bit.
+    The clip is ``k * std``: with k well above 3 only real outliers are clipped, while the step
+    follows the bulk of the row, not its largest value. A row of (near) zeros gets the smallest
+    scale (the record's would round to 0 and its codes to NaN); a row of one element has no std
+    and is refused."""
+    qmax = qmax_for(bits)
+    x = w.detach().float()
+    if x.ndim != 2 or x.shape[1] < 2:
+        raise ValueError(f"SDClip needs a 2-D tensor with at least 2 columns, got shape {tuple(x.shape)}")
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0:
+        raise ValueError(f"SDClip's k must be a positive number, got {k!r}")
+    return fp16_scale(k * x.std(dim=1) / qmax)
+
+
 def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, grid: Sequence[float] | None = None,
                   col_weight: Tensor | None = None, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-row intN of a 2-D tensor -> ``(codes int8 [rows, cols], scale fp16 [rows])``.
@@ -164,14 +182,21 @@ def as_rows(t: Tensor) -> Tensor:
 # ---------------------------------------------------------------- the registered kind
 
 def quantize_int_per_row(t: Tensor, bits: int, clip_search: bool = True, grid: Sequence[float] | None = None,
-                         clip_rule: str = "row_search") -> QuantizedTensor:
-    """Per-row intN of ``as_rows(t)``; ``clip_rule`` (``CLIP_RULES``) is the search ``clip_search`` runs."""
+                         clip_rule: str = "row_search", sdclip_k: float | None = None) -> QuantizedTensor:
+    """Per-row intN of ``as_rows(t)``; ``clip_rule`` (``CLIP_RULES``) is the clip ``clip_search``
+    chooses; "sdclip" needs its ``sdclip_k``."""
     if not t.is_floating_point():
         raise ValueError(f"int_per_row needs a float tensor, got {t.dtype}")
     if clip_rule not in CLIP_RULES:
         raise ValueError(f"clip rule must be one of {', '.join(CLIP_RULES)}, got {clip_rule!r}")
     x = as_rows(t.detach())
-    scale = percentile_scales(x, bits) if clip_search and clip_rule == "percentile" else None
+    scale = None
+    if clip_search and clip_rule == "percentile":
+        scale = percentile_scales(x, bits)
+    elif clip_search and clip_rule == "sdclip":
+        if sdclip_k is None:
+            raise ValueError("clip rule 'sdclip' needs its k (sdclip_k)")
+        scale = sdclip_scales(x, bits, sdclip_k)
     q, s = quantize_rows(x, bits, clip_search=clip_search, grid=grid, scale=scale)
     return QuantizedTensor("int_per_row", q.reshape(t.shape).cpu().contiguous(), s.cpu().contiguous(),
                            dtype_name(t.dtype), bits)
