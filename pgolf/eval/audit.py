@@ -247,8 +247,6 @@ def rescore_file(path: str | Path, artifact: str | Path | None = None, data_dir:
 
     import torch
 
-    from pgolf.data.shards import load_validation_tokens, validation_bytes
-    from pgolf.data.tokenizer import check_vocab, load_tokenizer
     from pgolf.eval.receipt import state_fingerprint
     from pgolf.eval.run import load_target, use_data_dir
     from pgolf.eval.ttt import TTTConfig, run_ttt
@@ -319,16 +317,7 @@ def rescore_file(path: str | Path, artifact: str | Path | None = None, data_dir:
         approx.append(f"TTT adapted with gradients all-reduced over {world} ranks; the replay runs on one")
         rel_tol = APPROX_REL_TOL
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-    check_vocab(tokenizer, cfg.model.vocab_size)
-    val_tokens = load_validation_tokens(cfg.val_files(), seq_len)
-    if val_tokens.numel() - 1 < total:
-        raise AuditFailure(f"the validation split {cfg.val_files()} has {val_tokens.numel() - 1:,} targets but the "
-                           f"receipt scored {total:,}: pass --data DIR with the split it was scored on")
-    tokens = val_tokens[: total + 1]
-    luts = validation_bytes(cfg, tokenizer, tokens.numel(), dev)
-    model = build_model(cfg.model, dev)
-    model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=True)
+    tokens, luts, model = _replay_inputs(cfg, state, total, dev, seq_len)
     scorer = model
     if info.get("compiled") and recorded == dev.type:
         scorer = torch.compile(model, dynamic=False)
@@ -404,16 +393,32 @@ def rescore_file(path: str | Path, artifact: str | Path | None = None, data_dir:
     return RescoreReport(kind, audit.val_bpb, lines, not approx and replay == len(scores))
 
 
+def _replay_inputs(cfg, state: dict, total: int, dev, seq_len: int):
+    """(tokens, byte tables, model with the artifact's state) for replaying a receipt's `total`
+    targets of the run's validation split."""
+    from pgolf.data.shards import load_validation_tokens, validation_bytes
+    from pgolf.data.tokenizer import check_vocab, load_tokenizer
+    from pgolf.model.gpt import build_model
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    check_vocab(tokenizer, cfg.model.vocab_size)
+    val_tokens = load_validation_tokens(cfg.val_files(), seq_len)
+    if val_tokens.numel() - 1 < total:
+        raise AuditFailure(f"the validation split {cfg.val_files()} has {val_tokens.numel() - 1:,} targets but the "
+                           f"receipt scored {total:,}: pass --data DIR with the split it was scored on")
+    tokens = val_tokens[: total + 1]
+    model = build_model(cfg.model, dev)
+    model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=True)
+    return tokens, validation_bytes(cfg, tokenizer, tokens.numel(), dev), model
+
+
 def _rescore_doc_lora(data: dict, cfg, state: dict, dev, recorded: str, world: int, lines: list[str],
                       audit: AuditReport) -> RescoreReport:
     """Replay per-document LoRA TTT with the receipt's settings and compare every batch (its
     documents' sums, the base state, the LoRA fingerprints) and phase with the receipt's."""
     import dataclasses
 
-    from pgolf.data.shards import load_validation_tokens, validation_bytes
-    from pgolf.data.tokenizer import check_vocab, load_tokenizer
     from pgolf.eval.doc_ttt import DocTTTConfig, run_doc_ttt
-    from pgolf.model.gpt import build_model
 
     settings, total = data["settings"], data["total_targets"]
     if world > 1:
@@ -421,16 +426,7 @@ def _rescore_doc_lora(data: dict, cfg, state: dict, dev, recorded: str, world: i
                            "a rescore replays one process: rescore receipts of single-process evaluations")
     fields = {f.name for f in dataclasses.fields(DocTTTConfig)}
     dcfg = DocTTTConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items() if k in fields})
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-    check_vocab(tokenizer, cfg.model.vocab_size)
-    val_tokens = load_validation_tokens(cfg.val_files(), 1)
-    if val_tokens.numel() - 1 < total:
-        raise AuditFailure(f"the validation split {cfg.val_files()} has {val_tokens.numel() - 1:,} targets but the "
-                           f"receipt scored {total:,}: pass --data DIR with the split it was scored on")
-    tokens = val_tokens[: total + 1]
-    luts = validation_bytes(cfg, tokenizer, tokens.numel(), dev)
-    model = build_model(cfg.model, dev)
-    model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=True)
+    tokens, luts, model = _replay_inputs(cfg, state, total, dev, 1)
     _, replay = run_doc_ttt(model, tokens, luts, dcfg, dev, bos_id=settings["bos_id"])
     rel_tol = 0.0 if recorded == dev.type else APPROX_REL_TOL
     want, got = data["events"], replay.events

@@ -40,6 +40,7 @@ from torch import Tensor
 from pgolf.data.tokenizer import token_bytes
 from pgolf.eval.lora import SITES, DocLoRA, lora_logits
 from pgolf.eval.receipt import Receipt, state_fingerprint, tensors_fingerprint
+from pgolf.eval.ttt import shared_step
 from pgolf.eval.windows import ScoreSums, autocast_for
 from pgolf.model.gpt import GPT
 
@@ -245,22 +246,10 @@ def train_phase(model: GPT, stream: Tensor, cfg: DocTTTConfig, device: torch.dev
                 for b in range(0, rows, cfg.phase_batch_seqs):
                     step = list(range(b, min(b + cfg.phase_batch_seqs, rows)))
                     mine = step[len(step) * rank // world_size: len(step) * (rank + 1) // world_size]
-                    optimizer.zero_grad(set_to_none=False)
-                    if mine:
-                        starts = torch.tensor(mine)[:, None] * seq + lo
-                        span = stream[starts + torch.arange(seq + 1)[None, :]].to(device=device, dtype=torch.int64)
-                        with autocast_for(device):
-                            loss = model(span[:, :-1], span[:, 1:], reduction="sum")
-                        # Normalised by the whole step's targets, so ranks' shares sum to the mean.
-                        (loss / (len(step) * seq)).backward()
-                    if distributed:
-                        for p in params:
-                            if p.grad is None:
-                                p.grad = torch.zeros_like(p)
-                            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                    if cfg.phase_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.phase_clip)
-                    optimizer.step()
+                    starts = torch.tensor(mine, dtype=torch.int64)[:, None] * seq + lo
+                    seqs = stream[starts + torch.arange(seq + 1)[None, :]].to(device=device, dtype=torch.int64)
+                    shared_step(model, optimizer, params, seqs if mine else None, len(step) * seq, device,
+                                distributed, cfg.phase_clip)
     finally:
         model.cfg.doc_mask = saved
         model.eval()

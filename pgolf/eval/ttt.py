@@ -45,6 +45,26 @@ def _trainable(model: GPT, freeze_blocks: int) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in frozen]
 
 
+def shared_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, seqs: Tensor | None,
+                step_targets: int, device: torch.device, distributed: bool, clip: float) -> None:
+    """One optimizer step on a batch of sequences split over ranks: this rank's share `seqs`
+    (None: it has none), its summed loss divided by the whole step's `step_targets` so the ranks'
+    shares add up to the step's mean; gradients summed over ranks, then clipped (clip > 0)."""
+    optimizer.zero_grad(set_to_none=False)
+    if seqs is not None:
+        with autocast_for(device):
+            loss = model(seqs[:, :-1], seqs[:, 1:], reduction="sum")
+        (loss / step_targets).backward()
+    if distributed:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+
+
 def adapt_on_chunk(model: torch.nn.Module, tokens: Tensor, lo: int, hi: int, seq_len: int, cfg: TTTConfig,
                    optimizer: torch.optim.Optimizer, params: list, device: torch.device,
                    rank: int, world_size: int) -> None:
@@ -61,22 +81,10 @@ def adapt_on_chunk(model: torch.nn.Module, tokens: Tensor, lo: int, hi: int, seq
             # A step is batch_seqs sequences whatever the number of ranks; each rank takes a share.
             step = starts[b: b + cfg.batch_seqs]
             mine = step[len(step) * rank // world_size: len(step) * (rank + 1) // world_size]
-            optimizer.zero_grad(set_to_none=False)
-            if mine:
-                idx = torch.tensor(mine, device=device)[:, None] + torch.arange(length + 1, device=device)[None, :]
-                seqs = span[idx]
-                with autocast_for(device):
-                    loss = model(seqs[:, :-1], seqs[:, 1:], reduction="sum")
-                # Normalise by the whole step's token count so ranks average correctly.
-                (loss / (len(step) * length)).backward()
-            if distributed:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            idx = (torch.tensor(mine, device=device, dtype=torch.int64)[:, None]
+                   + torch.arange(length + 1, device=device)[None, :])
+            shared_step(model, optimizer, params, span[idx] if mine else None, len(step) * length, device,
+                        distributed, cfg.grad_clip)
     model.eval()
 
 
