@@ -356,6 +356,16 @@ def check_single_pass(ctx: RunContext) -> tuple[str, str]:
     return PASS, "; ".join(parts) + ("; the summary, train.log and ledger report these" if ctx.finished else "")
 
 
+def _scored_ranges(events: list[dict]):
+    """(lo, hi, bytes) of every scored target range (lo, hi] a receipt states: its score events,
+    and each document of a per-document TTT batch (pgolf.eval.doc_ttt: row lo, hi, ..., bytes at 6)."""
+    for e in events:
+        if e.get("type") == "score":
+            yield int(e["lo"]), int(e["hi"]), int(e["bytes"])
+        elif e.get("type") == "batch":
+            yield from ((int(d[0]), int(d[1]), int(d[6])) for d in e["docs"])
+
+
 def check_bytes(ctx: RunContext) -> tuple[str, str]:
     import numpy as np
 
@@ -388,17 +398,14 @@ def check_bytes(ctx: RunContext) -> tuple[str, str]:
         if total > len(val) - 1:
             return FAIL, f"receipts/{name} scores {total:,} targets but the validation split has only {len(val) - 1:,}"
         counted_bytes = 0
-        for e in data.get("events", []):
-            if e.get("type") != "score":
-                continue
-            lo, hi = int(e["lo"]), int(e["hi"])
+        for lo, hi, stated_bytes in _scored_ranges(data.get("events", [])):
             want = upto(hi) - upto(lo)
-            if int(e["bytes"]) != want:
+            if stated_bytes != want:
                 luts = ctx.tokenizer.byte_luts(ctx.cfg.model.vocab_size)
                 tables = luts.count_bytes(val[lo:hi], val[lo + 1: hi + 1])
                 what = "the byte sidecars count" if sidecar is not None else "their decoded text is"
-                return FAIL, (f"receipts/{name}: targets ({lo}, {hi}] are counted as {int(e['bytes']):,} bytes, but "
-                              f"{what} {want:,} UTF-8 bytes (off by {int(e['bytes']) - want:+,}; the tokenizer's "
+                return FAIL, (f"receipts/{name}: targets ({lo}, {hi}] are counted as {stated_bytes:,} bytes, but "
+                              f"{what} {want:,} UTF-8 bytes (off by {stated_bytes - want:+,}; the tokenizer's "
                               f"byte tables give {tables:,}): val_bpb is divided by the wrong byte count")
             counted_bytes += want
             ranges += 1

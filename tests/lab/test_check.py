@@ -181,6 +181,26 @@ def test_c4_names_the_evaluation_that_counts(run, capsys):
     assert got == FAIL and "the reported number comes from another evaluation" in detail
 
 
+def test_bytes_recounts_each_document_of_a_per_document_ttt_receipt(run):
+    assert cli_main(["eval", str(run), "--device", "cpu", "--max-tokens", "2048", "--ttt-mode", "doc_lora",
+                     "--doc-context", "64", "--doc-batch", "4", "--lora-rank", "4", "--phases", "none"]) == 0
+    (path,) = (run / "receipts").glob("eval-doc_lora-*.json")
+    data = json.loads(path.read_text())
+    docs = [d for e in data["events"] if e["type"] == "batch" for d in e["docs"]]
+    got, detail = status(check_run(run, CheckOptions(skip=("eval-data", "provenance"))), "bytes")
+    assert got == PASS and f"{path.name} {sum(d[6] for d in docs):,}" in detail
+    lo, hi = docs[0][:2]
+    docs[0][6] += 1
+    data["totals"]["bytes"] += 1
+    from pgolf.data.tokenizer import bits_per_byte
+
+    t = data["totals"]
+    t["val_bpb"] = bits_per_byte(t["loss_sum"], t["tokens"], t["bytes"])
+    reseal(path, data)
+    got, detail = status(check_run(run, CheckOptions(skip=("eval-data", "provenance"))), "bytes")
+    assert got == FAIL and f"receipts/{path.name}: targets ({lo}, {hi}] are counted as" in detail
+
+
 def test_bytes_catches_a_count_off_by_one_byte(run):
     (path,) = (run / "receipts").glob("eval-sliding-*.json")
     data = json.loads(path.read_text())
