@@ -92,7 +92,6 @@ import lzma
 import os
 import struct
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -104,6 +103,7 @@ from pgolf.compress.packing import pack_bits, unpack_bits
 from pgolf.compress.quantizers.registry import QuantizedTensor, component_label, dtype_name, format_label, get_quantizer
 from pgolf.compress.quantizers.rows import qmax_for
 from pgolf.runtime.files import atomic_write
+from pgolf.runtime.threads import thread_map
 
 __all__ = [
     "MAGIC", "FORMAT_VERSION", "READ_VERSIONS", "COMPRESSORS", "COMPRESSOR_ORDER",
@@ -443,12 +443,7 @@ def pack_artifact(qdict: dict[str, QuantizedTensor], meta: dict | None = None, c
     def run(cand):
         return COMPRESSORS[cand[0]][0](cand[3])
 
-    workers = min(len(cands), jobs or min(8, os.cpu_count() or 1))
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as ex:
-            payloads = list(ex.map(run, cands))
-    else:
-        payloads = [run(c) for c in cands]
+    payloads = thread_map(run, cands, jobs)
     best = min(range(len(cands)), key=lambda i: (len(payloads[i]), i))
     if trials is not None:
         for i, (c, s, l, _) in enumerate(cands):

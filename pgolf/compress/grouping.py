@@ -28,12 +28,10 @@ container imports it lazily): the codecs come in as an argument.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -43,6 +41,7 @@ import torch
 
 from pgolf.compress.config import GROUP_BACKENDS
 from pgolf.compress.quantizers.registry import get_quantizer
+from pgolf.runtime.threads import thread_map
 
 __all__ = ["CODEC", "FRAME_MAGIC", "GroupError", "Codes", "role_group", "greedy_l1_order", "perm_bytes",
            "read_perm", "check_options", "group_codes", "split_streams", "header_streams", "compress_streams",
@@ -307,12 +306,7 @@ def compress_streams(raw: bytes, codecs: Codecs, auto: Callable[[], tuple[str, .
             return min(outs, key=lambda o: len(o[1]))  # min keeps the first of equal sizes
         return s.codec, _codec(codecs, s.codec)[0](data)
 
-    workers = min(len(streams), jobs or min(8, os.cpu_count() or 1))
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as ex:
-            done = list(ex.map(run, streams))
-    else:
-        done = [run(s) for s in streams]
+    done = thread_map(run, streams, jobs)
     index = [FRAME_MAGIC, _U16.pack(len(done))]
     for (name, data), s in zip(done, streams):
         code = name.encode("ascii")
@@ -357,12 +351,7 @@ def decompress_streams(blob, codecs: Codecs, jobs: int | None = None) -> bytes:
             raise GroupError(f"a {s['codec']} stream decompressed to {len(data)} bytes, not {s['raw_bytes']}")
         return data
 
-    workers = min(len(streams), jobs or min(8, os.cpu_count() or 1))
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as ex:
-            parts = list(ex.map(run, streams))
-    else:
-        parts = [run(s) for s in streams]
+    parts = thread_map(run, streams, jobs)
     return b"".join(parts)
 
 
