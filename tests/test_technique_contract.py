@@ -19,7 +19,8 @@ import torch
 
 from pgolf.compress.container import pack_artifact, read_artifact
 from pgolf.compress.quant import dequantize_state_dict, quantize_state_dict
-from pgolf.config import Config, apply_mapping, apply_overrides, validate
+from pgolf.config import Config, apply_mapping, apply_overrides
+from pgolf.config.checks import validate
 from pgolf.config.resolve import CAPABILITIES
 from pgolf.model.gpt import GPT
 from pgolf.model.registry import SLOTS

@@ -15,7 +15,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
-from pgolf.config import Config, ConfigError, apply_env, apply_mapping, apply_overrides, validate
+from pgolf.config import Config, ConfigError, apply_env, apply_mapping, apply_overrides
+from pgolf.config.checks import validate
 
 REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_PRESET = "smoke"

@@ -17,7 +17,8 @@ import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pgolf.config import ConfigError, apply_overrides, config_from_dict, validate
+from pgolf.config import ConfigError, apply_overrides, config_from_dict
+from pgolf.config.checks import validate
 from pgolf.rules import EXIT_OK, EXIT_OVER_CAP
 from pgolf.runs import RunDir, RunError, checkpoint_step, find_run_dir, read_json
 from pgolf.runtime.files import atomic_write

@@ -202,7 +202,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def model_config_problems(cfg: ModelConfig) -> list[str]:
-    """What is wrong with the architecture switches of cfg (for pgolf.config.validate): names
+    """What is wrong with the architecture switches of cfg (for pgolf.config.checks.validate): names
     no slot has first (the other checks assume known names), then each part's own checks."""
     unknown = [problem for field, slot in SLOTS.items() for problem in slot.problems(getattr(cfg, field))]
     if unknown:

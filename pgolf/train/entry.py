@@ -13,7 +13,8 @@ import sys
 from typing import Any, Mapping
 
 import pgolf
-from pgolf.config import ConfigError, apply_env, apply_overrides, config_from_dict, validate
+from pgolf.config import ConfigError, apply_env, apply_overrides, config_from_dict
+from pgolf.config.checks import validate
 from pgolf.rules import STATUS_EXIT_CODES
 from pgolf.train.shipping import BUNDLE_NAME, missing_modules
 

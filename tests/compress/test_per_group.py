@@ -17,7 +17,8 @@ from pgolf.compress.container import (ArtifactError, describe_artifact, pack_art
                                       write_artifact, read_artifact)
 from pgolf.compress.grouping import (MIN_OWN_STREAM_BYTES, greedy_l1_order, perm_bytes, read_perm, role_group)
 from pgolf.compress.quant import QuantizedTensor, quantize_state_dict
-from pgolf.config import Config, ConfigError, apply_overrides, validate
+from pgolf.config import Config, ConfigError, apply_overrides
+from pgolf.config.checks import validate
 from pgolf.config.resolve import check_requires
 from pgolf.train.shipping import OPTIONAL_MODULES
 

@@ -18,7 +18,8 @@ from pgolf.compress.quant import (LQER_A, LQER_B, SDCLIP_K, dequantize_state_dic
                                   sdclip_group)
 from pgolf.compress.quantizers.groups import code_range, quantize_int_group
 from pgolf.compress.quantizers.rows import quantize_int_per_row, sdclip_scales
-from pgolf.config import Config, ConfigError, apply_overrides, validate
+from pgolf.config import Config, ConfigError, apply_overrides
+from pgolf.config.checks import validate
 from pgolf.data.shards import write_shard
 from pgolf.model.gpt import GPT
 

@@ -15,7 +15,8 @@ from pgolf.compress.container import COMPRESSOR_ORDER, describe_artifact, pack_a
 from pgolf.compress.policy import plan_export
 from pgolf.compress.quant import dequantize_state_dict, quantize_state_dict
 from pgolf.compress.quantizers.rows import PERCENTILE_CANDIDATES, percentile_scales, quantize_int_per_row
-from pgolf.config import Config, ConfigError, ModelConfig, apply_mapping, validate
+from pgolf.config import Config, ConfigError, ModelConfig, apply_mapping
+from pgolf.config.checks import validate
 from pgolf.model.gpt import GPT
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from pgolf.cli import main as cli_main
-from pgolf.config import Config, ConfigError, flat_keys, numeric_values
+from pgolf.config import Config, ConfigError, flat_keys
+from pgolf.config.checks import numeric_values
 from pgolf.config.ranges import NUMERIC_RULES, Range
 from pgolf.config.resolve import resolve_config
 

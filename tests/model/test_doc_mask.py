@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.config import Config, ConfigError, validate
+from pgolf.config import Config, ConfigError
+from pgolf.config.checks import validate
 from pgolf.model.attention import document_mask, document_segments, flex_attention
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, model_config_problems

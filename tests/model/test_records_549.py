@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from pgolf.config import Config, ConfigError, apply_mapping, apply_overrides, validate
+from pgolf.config import Config, ConfigError, apply_mapping, apply_overrides
+from pgolf.config.checks import validate
 from pgolf.lab.plan import count_parameters_by_component
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, count_parameters, model_config_problems

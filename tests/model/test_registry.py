@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 import pgolf.model.gpt as gpt_module
-from pgolf.config import Config, ConfigError, OptimConfig, config_from_dict, validate
+from pgolf.config import Config, ConfigError, OptimConfig, config_from_dict
+from pgolf.config.checks import validate
 from pgolf.model.attention import CausalSelfAttention
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, model_config_problems

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgolf.config import ConfigError, validate
+from pgolf.config import ConfigError
+from pgolf.config.checks import validate
 from pgolf.runs import RunDir, RunError, read_metrics
 from pgolf.train.run import Trainer, run_training
 from tests.train.test_train import TINY_MODEL, TINY_TRAIN, synthetic_overrides, tiny_config
