@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pgolf.config import Config, config_from_dict
-from pgolf.train.shipping import BUNDLE_NAME, OPTIONAL_MODULES, describe_code
+from pgolf.train.shipping import BUNDLE_NAME, OPTIONAL_MODULES, RUN_IDENTITY_KEYS, describe_code
 from pgolf.train.minify import minify_source
 from pgolf.train.shake import shake
 
@@ -34,10 +34,6 @@ ENTRY_MODULE = "pgolf.train.entry"  # the bundle's main and the optional-module 
 # Always bundled, with their module-level imports: the package, the main, and the training it
 # runs (which the main imports lazily, so that this bundler, importing entry, stays torch-free).
 ROOT_MODULES = ("pgolf", ENTRY_MODULE, "pgolf.train.run")
-# Keys that identify one run rather than the recipe: the seed (SEED picks it), where runs are
-# written and how they are named or grouped. They take their defaults in a bundle, so every
-# seed of a group ships the identical file.
-RUN_IDENTITY_KEYS = (("train", "seed"), ("run", "run_id"), ("run", "runs_dir"), ("run", "group"))
 MODULE_SEPARATOR = "\0"  # never occurs in source text
 LOADER_CALLS = ("run_bundled",)  # what the loader below calls: shake() must keep it
 COMPRESSORS = ("brotli", "lzma")  # best first; brotli when it is importable at pack time
@@ -174,8 +170,9 @@ def bundle_config(cfg: Config | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     as its difference from pgolf's defaults (the official baseline); a nested mapping."""
     resolved = _as_config(cfg).to_dict()
     defaults = Config().to_dict()
-    for section, key in RUN_IDENTITY_KEYS:
-        resolved[section][key] = defaults[section][key]
+    for key in RUN_IDENTITY_KEYS:  # they take their defaults, so every seed of a group ships one file
+        section, name = key.split(".")
+        resolved[section][name] = defaults[section][name]
     diff: dict[str, dict[str, Any]] = {}
     for section, values in resolved.items():
         changed = {k: v for k, v in values.items() if v != defaults[section][k]}

@@ -13,10 +13,9 @@ import sys
 from typing import Any, Mapping
 
 import pgolf
-from pgolf.config import ConfigError, apply_env, apply_overrides, config_from_dict
-from pgolf.config.checks import validate
+from pgolf.config import Config, ConfigError, apply_env, apply_overrides, config_from_dict
 from pgolf.rules import STATUS_EXIT_CODES
-from pgolf.train.shipping import BUNDLE_NAME, missing_modules
+from pgolf.train.shipping import BUNDLE_NAME, RUNNER_KEYS
 
 # `pgolf train`'s exit statuses: a bundle exits as the command would.
 BUNDLE_EXIT_CODES = STATUS_EXIT_CODES
@@ -34,23 +33,45 @@ def bundled_module_check() -> str:
     return f"bundle: all {n} pgolf modules used were loaded from {pgolf.__bundle_file__}"
 
 
+def recipe_changes(packed: Config, cfg: Config) -> list[str]:
+    """The keys, outside RUNNER_KEYS, where cfg differs from the recipe a bundle was packed with."""
+    ours, theirs = packed.to_dict(), cfg.to_dict()
+    return [f"{section}.{key}={value}" for section, values in theirs.items() for key, value in values.items()
+            if value != ours[section][key] and f"{section}.{key}" not in RUNNER_KEYS]
+
+
+def _refuse(problem: Exception, is_main: bool) -> int:
+    if is_main:
+        print(f"{BUNDLE_NAME}: error: {problem}", file=sys.stderr)
+    return 2
+
+
 def run_bundled(config_diff: Mapping[str, Any], argv: list[str]) -> int:
-    """The bundle's main: resolve config as `pgolf train` does, train, export, score."""
+    """The bundle's main: apply the runner's seed, run name and data paths to the packed recipe
+    as `pgolf train` would, then train, export, score."""
     is_main = os.environ.get("RANK", "0") == "0"
     try:
         cfg = config_from_dict(config_diff)
         applied = apply_env(cfg, os.environ)
         apply_overrides(cfg, argv)
-        validate(cfg)
-        missing = missing_modules(cfg)
-        if missing:  # fail before training, not at the lazy import after it
-            raise ConfigError(f"this {BUNDLE_NAME} was packed for a config that does not need {', '.join(missing)}; "
-                              "write one for this config with `pgolf submit` (or pgolf.train.bundle.build_bundle)")
+        changed = recipe_changes(config_from_dict(config_diff), cfg)
+        if changed:
+            raise ConfigError(
+                f"{' '.join(changed)} would change the recipe this {BUNDLE_NAME} was packed and counted for; it "
+                f"sets only {', '.join(RUNNER_KEYS)}. Train a changed recipe with `pgolf train CONFIG key=value` "
+                "and ship it with `pgolf submit`")
     except ConfigError as exc:
-        if is_main:
-            print(f"{BUNDLE_NAME}: error: {exc}", file=sys.stderr)
-        return 2
-    from pgolf.train.run import run_training  # after the config checks: a bad argument fails before torch loads
+        return _refuse(exc, is_main)
+    # After the config checks (a bad argument fails before torch loads), before training: the
+    # artifact's compressor must be importable on this machine, not only where it was packed.
+    from pgolf.compress.container import ArtifactError, check_compressor
+    from pgolf.train.run import run_training
+
+    try:
+        if cfg.export.compressor != "auto":
+            check_compressor(cfg.export.compressor)
+    except ArtifactError as exc:
+        return _refuse(exc, is_main)
 
     summary = run_training(cfg, preset=BUNDLE_NAME, env_applied=applied)
     check = bundled_module_check()

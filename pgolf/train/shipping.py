@@ -6,13 +6,20 @@ export all read it.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from typing import Callable
 
 from pgolf.config import Config
 from pgolf.train.callbacks import CALLBACKS
 
 BUNDLE_NAME = "train_gpt.py"
+# Keys that identify one run rather than the recipe: the seed (SEED picks it), where runs are
+# written and how they are named or grouped. A bundle's CONFIG leaves them out.
+RUN_IDENTITY_KEYS = ("train.seed", "run.run_id", "run.runs_dir", "run.group")
+# What the runner of a shipped train_gpt.py may set (arguments, or SEED, RUN_ID, DATA_PATH,
+# TOKENIZER_PATH): the run's identity and where its data is. Every other key is the recipe the
+# file was packed and counted for, checked when its run was configured (pgolf.config.checks,
+# which a bundle does not carry).
+RUNNER_KEYS = (*RUN_IDENTITY_KEYS, "data.data_path", "data.tokenizer_path", "data.train_pattern", "data.val_pattern")
 # Every module that pgolf imports only inside functions, with the configs that need it: it is
 # bundled when its predicate holds for the run's config. A lazy import of a module that is
 # neither here nor imported at module level wherever its importer is (bundle.ROOT_MODULES) is
@@ -37,7 +44,3 @@ def describe_code(bundle: bytes, where: str) -> str:
     """How code bytes were counted; submit reads the sha256 back to check the code is unchanged."""
     return f"{where}; sha256:{hashlib.sha256(bundle).hexdigest()[:16]}"
 
-
-def missing_modules(cfg: Config) -> list[str]:
-    """The optional modules cfg needs that cannot be imported (in a bundle: were not packed)."""
-    return [name for name, needed in OPTIONAL_MODULES.items() if needed(cfg) and importlib.util.find_spec(name) is None]

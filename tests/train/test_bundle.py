@@ -13,15 +13,16 @@ import pytest
 
 import pgolf
 import pgolf.train.bundle as bundle_module
-import pgolf.train.shipping as shipping_module
+import pgolf.compress.container as container_module
+from pgolf.compress.container import ArtifactError
 from pgolf.train.export import counted_code_bytes
 from pgolf.train.bundle import (LOADER_CALLS, MODULE_SEPARATOR, _module_path, bundle_config,
                                 bundle_modules, build_bundle, compressor_of, unclassified_lazy_imports)
-from pgolf.train.entry import BUNDLE_EXIT_CODES, run_bundled
+from pgolf.train.entry import BUNDLE_EXIT_CODES, recipe_changes, run_bundled
 from pgolf.train.minify import minify_source
 from pgolf.train.shake import shake
 from pgolf.rules import STATUS_EXIT_CODES
-from pgolf.config import Config
+from pgolf.config import Config, config_from_dict
 from pgolf.runs import read_json, read_metrics
 from pgolf.train.run import run_training
 from tests.train.test_train import tiny_config
@@ -163,13 +164,38 @@ def test_bundle_exit_codes_are_pgolf_trains():
     assert BUNDLE_EXIT_CODES == STATUS_EXIT_CODES
 
 
-def test_bundled_main_refuses_a_config_its_modules_cannot_run(tmp_path, monkeypatch, capsys):
-    """A bundle packed without GPTQ, run with export.gptq=true, stops before training."""
-    real_find_spec = shipping_module.importlib.util.find_spec
-    monkeypatch.setattr(shipping_module.importlib.util, "find_spec",
-                        lambda name: None if name == "pgolf.compress.gptq" else real_find_spec(name))
-    assert run_bundled(bundle_config(tiny_config(tmp_path)), ["export.gptq=true"]) == 2
-    assert "does not need pgolf.compress.gptq" in capsys.readouterr().err
+def test_bundled_main_runs_only_the_recipe_it_was_packed_with(tmp_path, monkeypatch, capsys):
+    """The runner sets the seed, run name and data paths; any other key is refused before
+    training, naming the key and `pgolf train` (the recipe was checked when its run was configured)."""
+    monkeypatch.delenv("ITERATIONS", raising=False)
+    packed = bundle_config(tiny_config(tmp_path))
+    assert run_bundled(packed, ["export.gptq=true"]) == 2
+    err = capsys.readouterr().err
+    assert "export.gptq=True would change the recipe" in err and "pgolf train" in err
+    monkeypatch.setenv("ITERATIONS", "5")
+    assert run_bundled(packed, []) == 2
+    assert "train.iterations=5" in capsys.readouterr().err
+    monkeypatch.delenv("ITERATIONS")
+    cfg = config_from_dict(packed)
+    runner = config_from_dict(packed)
+    for key, value in (("train.seed", 3), ("run.run_id", "x"), ("data.data_path", "/elsewhere"),
+                       ("data.tokenizer_path", "/elsewhere/t.model")):
+        section, name = key.split(".")
+        setattr(getattr(runner, section), name, value)
+    assert recipe_changes(cfg, runner) == []
+    runner.train.iterations += 1
+    assert recipe_changes(cfg, runner) == [f"train.iterations={runner.train.iterations}"]
+
+
+def test_bundled_main_refuses_a_compressor_this_machine_lacks(tmp_path, monkeypatch, capsys):
+    """Checked before training: the artifact is compressed at the end of the run."""
+    def missing(name):
+        raise ArtifactError(f"export.compressor={name} needs a module this machine lacks")
+
+    packed = bundle_config(tiny_config(tmp_path, "export.compressor=lzma"))
+    monkeypatch.setattr(container_module, "check_compressor", missing)
+    assert run_bundled(packed, []) == 2
+    assert "export.compressor=lzma needs" in capsys.readouterr().err
 
 
 def test_submit_ships_the_compressor_that_was_counted():
