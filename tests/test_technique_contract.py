@@ -10,6 +10,7 @@ them to ENABLE (model slots, in tests/model/test_registry.py) or CALLBACK_ON bel
 
 from __future__ import annotations
 
+import ast
 import tempfile
 import tomllib
 from pathlib import Path
@@ -26,7 +27,7 @@ from pgolf.model.gpt import GPT
 from pgolf.model.registry import SLOTS
 from pgolf.model.roles import export_treatment, param_roles
 from pgolf.runs import read_metrics
-from pgolf.train.bundle import bundle_modules
+from pgolf.train.bundle import bundle_modules, shipped_sources
 from pgolf.train.callbacks import CALLBACKS
 from pgolf.train.optim import build_optimizers
 from pgolf.train.run import run_training
@@ -83,6 +84,10 @@ def config_both_ways(mapping: dict) -> Config:
     return from_toml
 
 
+def definitions(source: str) -> set[str]:
+    return {stmt.name for stmt in ast.parse(source).body if hasattr(stmt, "name")}
+
+
 def run_overrides(mapping: dict, shape: dict | None = None) -> list[str]:
     """Command-line overrides for a tiny training run: the model shape is tiny_config's, except
     the keys the entry needs (`shape`)."""
@@ -107,8 +112,15 @@ def test_model_entry(field, name, tmp_path):
     # Export -> container -> dequantize -> a fresh model loads it strictly.
     qdict = read_artifact_from(pack_artifact(quantized(model), meta={}))
     GPT(cfg.model).load_state_dict(dequantize_state_dict(qdict), strict=True)
-    # The module holding the entry ships in the bundle of a config that uses it.
-    assert SLOTS[field][name].__module__ in bundle_modules(cfg)
+    # The module holding the entry ships in the bundle of a config that uses it, its definition
+    # included; a bundle whose config chooses another entry of the slot leaves the definition out.
+    builder = SLOTS[field][name]
+    assert builder.__module__ in bundle_modules(cfg)
+    assert builder.__name__ in definitions(shipped_sources(cfg)[builder.__module__])
+    default = getattr(Config().model, field)
+    if builder not in {SLOTS[field].get(n) for n in (default if SLOTS[field].many else [default])} \
+            and default != "auto":
+        assert builder.__name__ not in definitions(shipped_sources(Config()).get(builder.__module__, ""))
     # Checkpoints resume exactly.
     assert_resumes_exactly(tmp_path, run_overrides(mapping, ENABLE.get((field, name))))
 

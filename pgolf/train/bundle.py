@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from pgolf.config import Config, config_from_dict
 from pgolf.train.shipping import BUNDLE_NAME, OPTIONAL_MODULES, RUN_IDENTITY_KEYS, describe_code
 from pgolf.train.minify import minify_source
-from pgolf.train.shake import shake
+from pgolf.train.shake import registration, shake, string_constants
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 ENTRY_MODULE = "pgolf.train.entry"  # the bundle's main and the optional-module table
@@ -191,10 +191,53 @@ def default_compressor() -> str:
     return "brotli"
 
 
-def pack_modules(sources: Mapping[str, str], compressor: str) -> bytes:
-    """base85 of the compressed modules as name, minified source, name, ... (unreferenced
-    definitions shaken out, then minify_source)."""
-    text = MODULE_SEPARATOR.join(part for name, source in shake(sources, keep=LOADER_CALLS).items()
+def registries(sources: Mapping[str, str]) -> dict[str, tuple[str, bool]]:
+    """REGISTRY -> (the config key choosing its entries, whether it accepts "auto"), read from
+    the ``REGISTRY = Registry(slot, "section.key", ..., auto=...)`` lines of the sources."""
+    found = {}
+    for source in sources.values():
+        for stmt in ast.parse(source).body:
+            value = getattr(stmt, "value", None)
+            if (isinstance(stmt, ast.Assign) and isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+                    and value.func.id == "Registry" and len(value.args) >= 2 and isinstance(stmt.targets[0], ast.Name)):
+                auto = any(k.arg == "auto" and getattr(k.value, "value", False) for k in value.keywords)
+                found[stmt.targets[0].id] = (value.args[1].value, auto)
+    return found
+
+
+def unselected_entries(cfg: Config, sources: Mapping[str, str]) -> set[tuple[str, str]]:
+    """The registry entries (REGISTRY, name) in the sources that cfg does not choose. A slot
+    set to "auto" chooses from other keys at run time: all its entries stay."""
+    keys = registries(sources)
+    entries = set()
+    for source in sources.values():
+        tree = ast.parse(source)
+        constants = string_constants(tree)
+        entries.update(registration(d, constants) for stmt in tree.body for d in getattr(stmt, "decorator_list", ()))
+    unselected = set()
+    for registry, name in entries - {None}:
+        if registry in keys:
+            key, auto = keys[registry]
+            chosen = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+            chosen = chosen if isinstance(chosen, list) else [chosen]
+            if name not in chosen and not (auto and "auto" in chosen):
+                unselected.add((registry, name))
+    return unselected
+
+
+def shipped_sources(cfg: Config | Mapping[str, Any] | None = None,
+                    sources: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a bundle for cfg ships of each module, before minifying: the sources (default
+    bundle_modules(cfg)) with unreferenced definitions and unselected registry entries shaken out."""
+    cfg = _as_config(cfg)
+    sources = bundle_modules(cfg) if sources is None else sources
+    return shake(sources, keep=LOADER_CALLS, unselected=unselected_entries(cfg, sources))
+
+
+def pack_modules(shipped: Mapping[str, str], compressor: str) -> bytes:
+    """base85 of the compressed modules as name, minified source, name, ... (shipped_sources
+    through minify_source)."""
+    text = MODULE_SEPARATOR.join(part for name, source in shipped.items()
                                  for part in (name, minify_source(source, _filename(name))))
     return _pack_text(text, compressor)
 
@@ -235,7 +278,7 @@ def build_bundle(cfg: Config | Mapping[str, Any], sources: Mapping[str, str] | N
     header = (f"# pgolf {__version__}, {len(sources)} modules {compressor}-packed; needs {needs}. "
               "Run: [torchrun --nproc_per_node=8] train_gpt.py [section.key=value ...]\n")
     config = f"CONFIG={bundle_config(cfg)!r}\n"
-    packed = 'PACKED=b"' + pack_modules(sources, compressor).decode("ascii") + '"\n'
+    packed = 'PACKED=b"' + pack_modules(shipped_sources(cfg, sources), compressor).decode("ascii") + '"\n'
     loader = LOADER.format(compressor=compressor, bundle=BUNDLE_NAME, entry=ENTRY_MODULE)
     return (header + config + packed + loader).encode("utf-8")
 

@@ -5,15 +5,17 @@ package's other tools call (the lab, data building, audits, tests).
 A definition stays when its name occurs in live code: module-level statements, another kept
 definition, or a string (as getattr and __all__ name things). Names are matched across all
 shipped modules, so the rule keeps too much rather than too little. Decorated definitions and
-dunder names always stay: a decorator may register what it decorates. ``__all__`` is dropped
-unless a shipped module star-imports: it only names a module's API for ``import *`` and docs,
-and its strings would otherwise keep every definition it lists.
+dunder names always stay, since a decorator may register what it decorates; but a registry
+entry (decorated only by ``REGISTRY.register("name")``) that the caller lists as unselected (its
+config does not choose it) stays only if shipped code names it. ``__all__`` is dropped unless a
+shipped module star-imports: it only names a module's API for ``import *`` and docs, and its
+strings would otherwise keep every definition it lists.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
@@ -32,8 +34,29 @@ def _names_in(node: ast.AST) -> set[str]:
     return found
 
 
-def _is_root(stmt: ast.stmt) -> bool:
-    return not isinstance(stmt, DEFINITIONS) or bool(stmt.decorator_list) or stmt.name.startswith("__")
+def string_constants(tree: ast.Module) -> dict[str, str]:
+    """The module's ``NAME = "text"`` assignments (a registration may name its entry so)."""
+    return {stmt.targets[0].id: stmt.value.value for stmt in tree.body
+            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+            and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)}
+
+
+def registration(decorator: ast.expr, constants: Mapping[str, str]) -> tuple[str, str] | None:
+    """(REGISTRY, name) of a ``REGISTRY.register("name")`` (or ``(NAME)``, a string constant of
+    the module) decorator, else None."""
+    if not (isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Attribute)
+            and decorator.func.attr == "register" and isinstance(decorator.func.value, ast.Name)
+            and len(decorator.args) == 1):
+        return None
+    arg = decorator.args[0]
+    name = arg.value if isinstance(arg, ast.Constant) else constants.get(getattr(arg, "id", None))
+    return (decorator.func.value.id, name) if isinstance(name, str) else None
+
+
+def _is_root(stmt: ast.stmt, unselected: Collection[tuple[str, str]], constants: Mapping[str, str]) -> bool:
+    if not isinstance(stmt, DEFINITIONS) or stmt.name.startswith("__"):
+        return True
+    return any(registration(d, constants) not in unselected for d in stmt.decorator_list)
 
 
 def _is_all(stmt: ast.stmt) -> bool:
@@ -48,20 +71,23 @@ def _star_imports(trees: Iterable[ast.Module]) -> bool:
                for tree in trees for node in ast.walk(tree))
 
 
-def shake(sources: Mapping[str, str], keep: Iterable[str] = ()) -> dict[str, str]:
+def shake(sources: Mapping[str, str], keep: Iterable[str] = (),
+          unselected: Collection[tuple[str, str]] = ()) -> dict[str, str]:
     """The sources with every unreferenced module-level definition removed (its lines cut out
-    of the text; everything else is kept as written). ``keep``: names used from outside the
-    sources (the bundle's loader calls its main)."""
+    of the text, decorators included; everything else is kept as written). ``keep``: names used
+    from outside the sources (the bundle's loader calls its main); ``unselected``: registry
+    entries (REGISTRY, name) the config does not choose."""
     trees = {name: ast.parse(source) for name, source in sources.items()}
     live: set[str] = set(keep)
     pending: list[tuple[str, ast.stmt]] = []  # definitions not yet known to be live
     dropped: dict[str, list[ast.stmt]] = {}
     drop_all = not _star_imports(trees.values())
     for name, tree in trees.items():
+        constants = string_constants(tree)
         for stmt in tree.body:
             if drop_all and _is_all(stmt):
                 dropped.setdefault(name, []).append(stmt)
-            elif _is_root(stmt):
+            elif _is_root(stmt, unselected, constants):
                 live |= _names_in(stmt)
             else:
                 pending.append((name, stmt))
@@ -81,6 +107,10 @@ def shake(sources: Mapping[str, str], keep: Iterable[str] = ()) -> dict[str, str
     for name, stmts in dropped.items():
         lines = sources[name].splitlines(keepends=True)
         for stmt in sorted(stmts, key=lambda s: s.lineno, reverse=True):
-            del lines[stmt.lineno - 1: stmt.end_lineno]
+            del lines[_first_line(stmt) - 1: stmt.end_lineno]
         out[name] = "".join(lines)
     return out
+
+
+def _first_line(stmt: ast.stmt) -> int:
+    return min([stmt.lineno, *(d.lineno for d in getattr(stmt, "decorator_list", ()))])

@@ -16,8 +16,8 @@ import pgolf.train.bundle as bundle_module
 import pgolf.compress.container as container_module
 from pgolf.compress.container import ArtifactError
 from pgolf.train.export import counted_code_bytes
-from pgolf.train.bundle import (LOADER_CALLS, MODULE_SEPARATOR, _module_path, bundle_config,
-                                bundle_modules, build_bundle, compressor_of, unclassified_lazy_imports)
+from pgolf.train.bundle import (LOADER_CALLS, MODULE_SEPARATOR, _module_path, bundle_config, bundle_modules,
+                                build_bundle, compressor_of, shipped_sources, unclassified_lazy_imports)
 from pgolf.train.entry import BUNDLE_EXIT_CODES, recipe_changes, run_bundled
 from pgolf.train.minify import minify_source
 from pgolf.train.shake import shake
@@ -38,9 +38,9 @@ def packed_sources(bundle: bytes) -> dict[str, str]:
     return dict(zip(parts[::2], parts[1::2]))
 
 
-def minified(sources: dict[str, str]) -> dict[str, str]:
+def minified(cfg: Config) -> dict[str, str]:
     return {name: minify_source(text, str(_module_path(name).relative_to(PACKAGE.parent)))
-            for name, text in shake(sources, keep=LOADER_CALLS).items()}
+            for name, text in shipped_sources(cfg).items()}
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -54,7 +54,7 @@ def sha(code_description: str) -> str:
 def test_bundle_holds_the_minified_closure_of_training(tmp_path):
     cfg = tiny_config(tmp_path)
     sources = packed_sources(build_bundle(cfg))
-    assert sources == minified(bundle_modules(cfg))
+    assert sources == minified(cfg)
     for name in ("pgolf", "pgolf.train.run", "pgolf.model.gpt", "pgolf.train.export", "pgolf.compress.quant",
                  "pgolf.data.synthetic", "pgolf.data.tokenizer", "pgolf.train.entry"):
         assert name in sources, name
@@ -273,3 +273,31 @@ def test_shake_drops_all_unless_a_shipped_module_star_imports():
     starred = shake({"pgolf.a": listed, "pgolf.b": "from pgolf.a import *\n"})["pgolf.a"]
     assert starred == listed  # `import *` reads __all__, and every name it lists stays
 
+
+
+def test_shake_drops_the_registry_entries_the_config_does_not_choose():
+    """`@SLOT.register(name)` keeps a definition only while its config chooses it (or shipped
+    code names it); other decorators still keep theirs."""
+    registry = ('MLPS = Registry("mlp", "model.mlp", "mlp")\nLAYOUTS = Registry("layout", "model.layout", None, '
+                'auto=True)\nPLAIN = "plain"\n\n\n@MLPS.register("relu2")\nclass Relu2:\n    pass\n\n\n'
+                '@MLPS.register("swiglu")\nclass SwiGLU:\n    pass\n\n\n@MLPS.register(PLAIN)\nclass Plain:\n    pass\n\n\n'
+                '@MLPS.register("named")\nclass Named:\n    pass\n\n\n@LAYOUTS.register("unet")\ndef unet():\n    pass\n\n\n'
+                "USED = Named\n")
+    sources = {"pgolf.model.registry": registry}
+    cfg = Config()
+    assert cfg.model.mlp == "relu2" and cfg.model.layout == "auto"
+    unselected = bundle_module.unselected_entries(cfg, sources)
+    assert unselected == {("MLPS", "swiglu"), ("MLPS", "plain"), ("MLPS", "named")}  # auto keeps every layout
+    kept = shake(sources, unselected=unselected)["pgolf.model.registry"]
+    assert "class Relu2" in kept and "class Named" in kept and "def unet" in kept
+    assert "SwiGLU" not in kept and "Plain" not in kept and '"swiglu"' not in kept  # decorator lines go too
+
+
+    class Registry:  # what the shaken module's decorators call
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def register(self, name):
+            return lambda builder: builder
+
+    exec(compile(kept, "registry.py", "exec"), {"Registry": Registry})  # still a valid module
