@@ -71,22 +71,44 @@ def _star_imports(trees: Iterable[ast.Module]) -> bool:
                for tree in trees for node in ast.walk(tree))
 
 
+def _prunable_import(stmt: ast.stmt, modules: Collection[str]) -> bool:
+    """``from pgolf.x import a, b`` of definitions and values (not of modules, whose import runs
+    them): the names nothing live uses can go."""
+    return (isinstance(stmt, ast.ImportFrom) and not stmt.level and (stmt.module or "").split(".")[0] == "pgolf"
+            and not any(a.name == "*" or f"{stmt.module}.{a.name}" in modules for a in stmt.names))
+
+
+def _pruned_import(stmt: ast.ImportFrom, live: set[str]) -> str | None:
+    """The import without the names nothing live uses (``import pgolf.x`` when none is left:
+    the module still runs, as it may register entries); None when every name is used."""
+    used = [a for a in stmt.names if (a.asname or a.name) in live]
+    if len(used) == len(stmt.names):
+        return None
+    if not used:
+        return f"import {stmt.module}\n"
+    return f"from {stmt.module} import " + ", ".join(ast.unparse(a) for a in used) + "\n"
+
+
 def shake(sources: Mapping[str, str], keep: Iterable[str] = (),
           unselected: Collection[tuple[str, str]] = ()) -> dict[str, str]:
     """The sources with every unreferenced module-level definition removed (its lines cut out
-    of the text, decorators included; everything else is kept as written). ``keep``: names used
-    from outside the sources (the bundle's loader calls its main); ``unselected``: registry
-    entries (REGISTRY, name) the config does not choose."""
+    of the text, decorators included) and the module-level imports of pgolf names nothing live
+    uses pruned; everything else is kept as written. ``keep``: names used from outside the
+    sources (the bundle's loader calls its main); ``unselected``: registry entries (REGISTRY,
+    name) the config does not choose."""
     trees = {name: ast.parse(source) for name, source in sources.items()}
     live: set[str] = set(keep)
     pending: list[tuple[str, ast.stmt]] = []  # definitions not yet known to be live
-    dropped: dict[str, list[ast.stmt]] = {}
+    imports: list[tuple[str, ast.ImportFrom]] = []  # an import alone makes nothing live
+    edits: dict[str, list[tuple[ast.stmt, str]]] = {}  # module -> (statement, its replacement)
     drop_all = not _star_imports(trees.values())
     for name, tree in trees.items():
         constants = string_constants(tree)
         for stmt in tree.body:
             if drop_all and _is_all(stmt):
-                dropped.setdefault(name, []).append(stmt)
+                edits.setdefault(name, []).append((stmt, ""))
+            elif _prunable_import(stmt, sources):
+                imports.append((name, stmt))
             elif _is_root(stmt, unselected, constants):
                 live |= _names_in(stmt)
             else:
@@ -102,12 +124,16 @@ def shake(sources: Mapping[str, str], keep: Iterable[str] = (),
                 changed = True
     for name, stmt in pending:
         if id(stmt) not in kept:
-            dropped.setdefault(name, []).append(stmt)
+            edits.setdefault(name, []).append((stmt, ""))
+    for name, stmt in imports:
+        pruned = _pruned_import(stmt, live)
+        if pruned is not None:
+            edits.setdefault(name, []).append((stmt, pruned))
     out = dict(sources)
-    for name, stmts in dropped.items():
+    for name, changes in edits.items():
         lines = sources[name].splitlines(keepends=True)
-        for stmt in sorted(stmts, key=lambda s: s.lineno, reverse=True):
-            del lines[_first_line(stmt) - 1: stmt.end_lineno]
+        for stmt, replacement in sorted(changes, key=lambda change: change[0].lineno, reverse=True):
+            lines[_first_line(stmt) - 1: stmt.end_lineno] = [replacement] if replacement else []
         out[name] = "".join(lines)
     return out
 

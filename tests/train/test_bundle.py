@@ -25,7 +25,10 @@ from pgolf.rules import STATUS_EXIT_CODES
 from pgolf.config import Config, config_from_dict
 from pgolf.runs import read_json, read_metrics
 from pgolf.train.run import run_training
+from pgolf.config.resolve import resolve_config
 from tests.train.test_train import tiny_config
+
+SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fineweb_sp1024_sample"
 
 PACKAGE = Path(pgolf.__file__).resolve().parent
 COMPRESSORS = ["lzma"] + (["brotli"] if bundle_module.default_compressor() == "brotli" else [])
@@ -212,12 +215,10 @@ def test_bundled_main_refuses_a_bad_override(tmp_path, monkeypatch, capsys):
     assert "NUM_LAYERS" in capsys.readouterr().err
 
 
-def test_bundled_train_gpt_trains_exactly_like_pgolf(tmp_path, one_cpu_thread):
-    """Run train_gpt.py in a clean interpreter (cwd outside the source tree, only a decoy pgolf on
-    the path) with SEED and RUN_ID from the environment: same losses, same roundtrip score, and its
-    code bytes are its own length, which is what the in-process run counted."""
-    cfg = tiny_config(tmp_path, "train.iterations=3", "train.val_loss_every=0", "train.warmup_steps=1",
-                      "train.seed=7", "run.run_id=pgolf")
+def run_beside(cfg: Config, tmp_path: Path) -> tuple[dict, dict, Path]:
+    """Train cfg in process (run id `pgolf`), then its train_gpt.py in a clean interpreter (cwd
+    outside the source tree, only a decoy pgolf on the path) with SEED and RUN_ID from the
+    environment: (our summary, its summary, the bundle)."""
     ours = run_training(cfg, console=False)
     work = tmp_path / "submission"
     work.mkdir()
@@ -229,25 +230,55 @@ def test_bundled_train_gpt_trains_exactly_like_pgolf(tmp_path, one_cpu_thread):
     decoy.mkdir(parents=True)
     (decoy / "__init__.py").write_text("raise ImportError('the decoy pgolf was imported, not the bundle')\n")
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(decoy.parent), "SEED": "7", "RUN_ID": "bundled"}
+           "PYTHONPATH": str(decoy.parent), "SEED": str(cfg.train.seed), "RUN_ID": "bundled"}
     probe = subprocess.run([sys.executable, "-c", "import pgolf"], cwd=work, env=env, capture_output=True, text=True)
     assert "decoy pgolf was imported" in probe.stderr
     proc = subprocess.run([sys.executable, "train_gpt.py"], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"pgolf modules used were loaded from {bundle}" in proc.stdout
-
-    theirs_dir = work / "runs" / "bundled"
-    theirs = read_json(theirs_dir / "summary.json")
-    assert len(losses(tmp_path / "runs" / "pgolf")) == 3
-    assert losses(theirs_dir) == losses(tmp_path / "runs" / "pgolf")
+    theirs = read_json(work / "runs" / "bundled" / "summary.json")
+    assert losses(work / "runs" / "bundled") == losses(Path(cfg.run.runs_dir) / "pgolf")
     assert theirs["roundtrip"] == ours["roundtrip"] and theirs["pre_quant"] == ours["pre_quant"]
     assert theirs["size"]["code_bytes"] == bundle.stat().st_size == ours["size"]["code_bytes"]
+    return ours, theirs, bundle
+
+
+def test_bundled_train_gpt_trains_exactly_like_pgolf(tmp_path, one_cpu_thread):
+    """Same losses, same roundtrip score, and its code bytes are its own length, which is what
+    the in-process run counted."""
+    cfg = tiny_config(tmp_path, "train.iterations=3", "train.val_loss_every=0", "train.warmup_steps=1",
+                      "train.seed=7", "run.run_id=pgolf")
+    ours, theirs, bundle = run_beside(cfg, tmp_path)
+    assert len(losses(tmp_path / "runs" / "pgolf")) == 3
     assert "this file" in theirs["size"]["code_description"]
     assert sha(theirs["size"]["code_description"]) == sha(ours["size"]["code_description"])
-    saved = read_json(theirs_dir / "config.json")
+    saved = read_json(bundle.parent / "runs" / "bundled" / "config.json")
     assert saved["preset"] == "train_gpt.py" and saved["config"]["train"]["seed"] == 7
     assert json.loads(json.dumps(bundle_config(saved["config"]))) == bundle_config(cfg)
+
+
+# The record presets at a CPU scale on the shared sample (their bundles shake out different
+# code: GPTQ, SDClip, LQER, the loop, document masks, Parallel Muon off on one CPU process).
+SMALL_RECORD = ["model.vocab_size=1024", "model.num_layers=4", "model.model_dim=64", "model.num_heads=2",
+                "model.num_kv_heads=1", "train.iterations=3", "train.warmup_steps=0", "train.train_batch_tokens=2048",
+                "train.train_seq_len=128", "train.val_batch_size=8192", "train.val_loss_every=0",
+                "train.val_max_tokens=4096", "train.max_wallclock_seconds=0", "export.gptq_seqs=4",
+                "train.seed=5", "run.run_id=pgolf"]
+RECORD_SCALE = {"pr549": ["model.bigram_buckets=64", "model.bigram_dim=16", "model.xsa_layers=2,3",
+                          "model.ve_layers=2,3", "model.ve_dim=16"],
+                "pr1855": ["data.caseops=false", "model.xsa_layers=0,1,2,3", "model.rope_dims=8", "model.loop_start=1",
+                           "model.loop_end=2", "model.parallel_from=2", "model.max_span=128",
+                           "export.lqer_top=1"]}
+
+
+@pytest.mark.parametrize("preset", sorted(RECORD_SCALE))
+def test_record_preset_bundles_train_exactly_like_pgolf(preset, tmp_path, one_cpu_thread):
+    if not SAMPLE.is_dir():
+        pytest.skip(f"needs the shared sample at {SAMPLE}")
+    cfg, _ = resolve_config(preset, [f"data.data_path={SAMPLE}", f"data.tokenizer_path={SAMPLE}/fineweb_1024_bpe.model",
+                                     f"run.runs_dir={tmp_path / 'runs'}", *SMALL_RECORD, *RECORD_SCALE[preset]], env={})
+    run_beside(cfg, tmp_path)
 
 
 def test_shake_drops_only_what_nothing_shipped_refers_to():
@@ -301,3 +332,16 @@ def test_shake_drops_the_registry_entries_the_config_does_not_choose():
             return lambda builder: builder
 
     exec(compile(kept, "registry.py", "exec"), {"Registry": Registry})  # still a valid module
+
+
+def test_shake_prunes_imports_of_what_it_drops():
+    """An import alone keeps nothing alive; the names nothing live uses leave the import (the
+    module itself still runs: it may register entries), imports of modules stay."""
+    sources = {
+        "pgolf.a": "def used():\n    return 1\n\n\ndef checks():\n    return 2\n",
+        "pgolf.b": "from pgolf.a import (checks,\n                     used)\nfrom pgolf.a import checks as c\n"
+                   "from pgolf import a\n\nVALUE = used()\n",
+    }
+    shaken = shake(sources)
+    assert "def checks" not in shaken["pgolf.a"]
+    assert shaken["pgolf.b"] == "from pgolf.a import used\nimport pgolf.a\nfrom pgolf import a\n\nVALUE = used()\n"
