@@ -1,5 +1,7 @@
 """The challenge's fixed numbers and pgolf's exit statuses: one definition each, torch-free."""
 
+from __future__ import annotations
+
 SIZE_CAP_BYTES = 16_000_000  # artifact + counted code, decimal bytes, as the challenge counts
 TRACK_TIME_LIMIT_S = 600.0  # the record track's training budget (8 x H100)
 EVAL_TIME_LIMIT_S = 600.0  # and its evaluation budget

@@ -65,7 +65,7 @@ def run_bundled(config_diff: Mapping[str, Any], argv: list[str]) -> int:
     # After the config checks (a bad argument fails before torch loads), before training: the
     # artifact's compressor must be importable on this machine, not only where it was packed.
     from pgolf.compress.container import ArtifactError, check_compressor
-    from pgolf.train.run import run_training
+    from pgolf.train.run import run_new
 
     try:
         if cfg.export.compressor != "auto":
@@ -73,7 +73,7 @@ def run_bundled(config_diff: Mapping[str, Any], argv: list[str]) -> int:
     except ArtifactError as exc:
         return _refuse(exc, is_main)
 
-    summary = run_training(cfg, preset=BUNDLE_NAME, env_applied=applied)
+    summary = run_new(cfg, BUNDLE_NAME, applied)
     check = bundled_module_check()
     if is_main:
         print(check)

@@ -56,23 +56,41 @@ def run_training(
     resume_dir = find_run_dir(resume, cfg.run.runs_dir) if resume else None
     if resume_dir is not None:
         cfg = load_resumable_config(resume_dir)
+
+    def open_run(info: DistInfo) -> tuple[Path, RunLock]:
+        if resume_dir is not None:
+            return resume_dir, info.main_only(RunLock.acquire, resume_dir)
+        return _create_run(cfg, info, preset, env_applied or [], RunLock.acquire)
+
+    return _session(cfg, open_run, _restore_latest if resume_dir is not None else None, env_applied or [],
+                    interrupt_at_step, console, hooks, other_runs)
+
+
+def run_new(cfg: Config, preset: str, env_applied: list[str]) -> dict:
+    """A new run as a shipped train_gpt.py trains it: the same training as run_training, in a
+    run directory of its own that nothing else resumes, so without its lock."""
+    return _session(cfg, lambda info: _create_run(cfg, info, preset, env_applied), None, env_applied,
+                    None, True, RunHooks(), 0)
+
+
+def _session(cfg: Config, open_run, restore, env_applied: list[str], interrupt_at_step, console, hooks: RunHooks,
+             other_runs: int) -> dict:
+    """The process around a run: distributed setup, threads, signals; open_run(info) gives the
+    run directory and its lock (or None), restore (or None) continues a resumed run."""
     info = setup_distributed(cfg.train.device)
     threads_note = apply_threads(cfg.run.threads, other_runs)
     interrupts = InterruptGuard()
     try:
         with interrupts:  # the previous handlers return when the run ends, however it ends
             configure_backends(info.device)
-            if resume_dir is not None:
-                run_dir, lock = resume_dir, info.main_only(RunLock.acquire, resume_dir)
-            else:
-                run_dir, lock = _create_run(cfg, info, preset, env_applied or [])
+            run_dir, lock = open_run(info)
             cfg.run.run_id = run_dir.name
             try:
-                summary = _run(cfg, info, run_dir, resume_dir is not None, env_applied or [], interrupt_at_step,
-                               console, hooks, interrupts, lock, threads_note)
+                summary = _run(cfg, info, run_dir, restore, env_applied, interrupt_at_step, console, hooks,
+                               interrupts, lock, threads_note)
                 info.barrier()  # on success, no rank tears down while another still has collectives in flight
             finally:
-                if info.is_main:
+                if info.is_main and lock is not None:
                     lock.release()
             return summary
     except Interrupted as exc:
@@ -112,10 +130,11 @@ def apply_threads(requested: int, other_runs: int) -> str:
             f"{available_cores()} cores)")
 
 
-def _create_run(cfg: Config, info: DistInfo, preset, env_applied) -> tuple[Path, RunLock]:
-    def create() -> tuple[str, RunLock]:
+def _create_run(cfg: Config, info: DistInfo, preset, env_applied, acquire=None) -> tuple[Path, RunLock | None]:
+    """A new run directory with its config.json, locked by acquire(run_dir) when given."""
+    def create() -> tuple[str, RunLock | None]:
         run_dir = create_run_dir(cfg)
-        lock = RunLock.acquire(run_dir)  # before config.json: a resume cannot find the run unlocked
+        lock = acquire(run_dir) if acquire else None  # before config.json: a resume cannot find the run unlocked
         cfg.run.run_id = run_dir.name
         write_json(RunDir(run_dir).config, {"config": cfg.to_dict(), "preset": preset, "env": env_applied})
         return str(run_dir), lock
@@ -124,21 +143,21 @@ def _create_run(cfg: Config, info: DistInfo, preset, env_applied) -> tuple[Path,
     return Path(run_dir), lock
 
 
-def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied, interrupt_at_step,
-         console, hooks: RunHooks, interrupts: InterruptGuard, lock: RunLock, threads_note: str = "") -> dict:
+def _run(cfg: Config, info: DistInfo, run_dir: Path, restore, env_applied, interrupt_at_step,
+         console, hooks: RunHooks, interrupts: InterruptGuard, lock: RunLock | None, threads_note: str = "") -> dict:
     logger = RunLogger(run_dir, enabled=info.is_main, console=console)
     if threads_note:
         logger.log(threads_note)
     summary_path = RunDir(run_dir).summary
     if info.is_main:
-        if note := lock.takeover_message():
+        if lock is not None and (note := lock.takeover_message()):
             logger.log(note)
             logger.event("lock_takeover", previous_owner=lock.taken_over_from)
         write_json(summary_path, {"status": "running", "run_id": run_dir.name})
         hooks.run_started(run_dir, info.device, info.world_size)
     try:
         with sdpa_backend(cfg.train.sdpa_backend, info.device, attention_shape(cfg), logger.log, info.broadcast_object):
-            return _train_export(cfg, info, run_dir, logger, resumed, env_applied, interrupt_at_step, interrupts)
+            return _train_export(cfg, info, run_dir, logger, restore, env_applied, interrupt_at_step, interrupts)
     except KeyboardInterrupt as exc:
         if info.is_main:
             by = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
@@ -157,6 +176,18 @@ def _run(cfg: Config, info: DistInfo, run_dir: Path, resumed: bool, env_applied,
             hooks.run_ended(run_dir)
 
 
+def _restore_latest(trainer: Trainer, run_dir: Path, logger: RunLogger) -> None:
+    """Continue a resumed run from its latest checkpoint (after the warmup, which restores the
+    initial state it started from)."""
+    path = latest_checkpoint(RunDir(run_dir).checkpoints)
+    if path is None:
+        raise RunError(f"run {run_dir} has no checkpoint to resume from; it must be started again")
+    info = trainer.info
+    trainer.restore(load_checkpoint(path, info.rank, info.world_size, map_location=info.device))
+    logger.log(f"resumed from {path.name} at step {trainer.step} ({trainer.training_time_ms:.0f} ms trained)")
+    logger.event("resume", step=trainer.step, checkpoint=path.name)
+
+
 def _latest_step(run_dir: Path) -> int | None:
     last = RunDir(run_dir).latest_checkpoint()
     return checkpoint_step(last) if last else None
@@ -168,7 +199,7 @@ def _interrupted_message(run_dir: Path, by: str) -> str:
             else f"interrupted by {by} before any step was checkpointed; start the run again")
 
 
-def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed: bool, env_applied,
+def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, restore, env_applied,
                   interrupt_at_step, interrupts: InterruptGuard) -> dict:
     summary_path = RunDir(run_dir).summary
     logger.log(f"run: {run_dir}  device: {info.device}  world_size: {info.world_size}  "
@@ -188,13 +219,8 @@ def _train_export(cfg, info: DistInfo, run_dir: Path, logger: RunLogger, resumed
                f"{model.unique_depth}  effective_depth: {model.effective_depth}")
     ckpt_dir = RunDir(run_dir).checkpoints
     trainer.warmup(cfg.train.warmup_steps)
-    if resumed:
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise RunError(f"run {run_dir} has no checkpoint to resume from; it must be started again")
-        trainer.restore(load_checkpoint(path, info.rank, info.world_size, map_location=info.device))
-        logger.log(f"resumed from {path.name} at step {trainer.step} ({trainer.training_time_ms:.0f} ms trained)")
-        logger.event("resume", step=trainer.step, checkpoint=path.name)
+    if restore is not None:
+        restore(trainer, run_dir, logger)
 
     if cfg.export.gptq or cfg.export.allocate:  # the export calibrates: its reserve is off the stop and the schedule
         from pgolf.train.calibration import calibration_reserve

@@ -20,9 +20,29 @@ from collections.abc import Collection, Iterable, Mapping
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
-def _names_in(node: ast.AST) -> set[str]:
+def _signature_annotations(node: ast.AST) -> set[int]:
+    """ids of the argument and return annotations under node: minify_source removes them from
+    the shipped text, so the names in them keep nothing alive."""
     found = set()
     for sub in ast.walk(node):
+        if isinstance(sub, ast.arg) and sub.annotation is not None:
+            found.add(id(sub.annotation))
+        elif isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)) and sub.returns is not None:
+            found.add(id(sub.returns))
+    return found
+
+
+def _walk_except(node: ast.AST, skip: set[int]):
+    if id(node) in skip:
+        return
+    yield node
+    for child in ast.iter_child_nodes(node):
+        yield from _walk_except(child, skip)
+
+
+def _names_in(node: ast.AST) -> set[str]:
+    found = set()
+    for sub in _walk_except(node, _signature_annotations(node)):
         if isinstance(sub, ast.Name):
             found.add(sub.id)
         elif isinstance(sub, ast.Attribute):

@@ -1,6 +1,7 @@
 """The single-file train_gpt.py: what it holds, that its length is the counted code bytes, and
 that it trains exactly as pgolf does with no pgolf on the path."""
 
+import ast
 import base64
 import json
 import os
@@ -63,7 +64,9 @@ def test_bundle_holds_the_minified_closure_of_training(tmp_path):
         assert name in sources, name
     # Minified: no docstrings or comments, names kept.
     run = sources["pgolf.train.run"]
-    assert '"""' not in run and "\n#" not in run and "def run_training(" in run
+    assert '"""' not in run and "\n#" not in run and "def run_new(" in run
+    # The lab's entry (resume, the run lock) is not what a bundle runs: shaken out with the lock.
+    assert "def run_training(" not in run and "class RunLock" not in sources["pgolf.runs"]
     assert len(run) < 0.8 * len(_module_path("pgolf.train.run").read_text())
     # Tools that training never imports stay out: they are not counted. Nor is the bundler.
     for name in ("pgolf.cli", "pgolf.lab.submit", "pgolf.lab.ledger", "pgolf.data.fineweb", "pgolf.eval.run",
@@ -345,3 +348,26 @@ def test_shake_prunes_imports_of_what_it_drops():
     shaken = shake(sources)
     assert "def checks" not in shaken["pgolf.a"]
     assert shaken["pgolf.b"] == "from pgolf.a import used\nimport pgolf.a\nfrom pgolf import a\n\nVALUE = used()\n"
+
+
+def test_shake_ignores_signature_annotations():
+    """minify_source removes argument and return annotations, so a type named only there is not
+    shipped (a lock class named in `lock: RunLock | None`); class field annotations still count."""
+    sources = {"pgolf.a": "from __future__ import annotations\n\n\nclass Lock:\n    pass\n\n\nclass Field:\n    pass\n\n\n"
+                          "class Row:\n    kind: Field\n\n\ndef run(lock: Lock | None = None) -> Lock:\n    return lock\n",
+               "pgolf.b": "from pgolf.a import Row, run\n\nVALUE = run(), Row\n"}
+    kept = shake(sources)["pgolf.a"]
+    assert "class Lock" not in kept and "class Field" in kept and "def run" in kept
+    exec(compile(kept, "pgolf/a.py", "exec"), {})
+
+
+def test_shipped_modules_never_evaluate_signature_annotations():
+    """What shake_ignores_signature_annotations relies on before minifying: every module that
+    annotates a signature postpones annotations."""
+    for name, source in bundle_modules(Config()).items():
+        tree = ast.parse(source)
+        annotated = any(getattr(n, "annotation", None) is not None or getattr(n, "returns", None) is not None
+                        for n in ast.walk(tree) if isinstance(n, (ast.arg, ast.FunctionDef, ast.AsyncFunctionDef)))
+        postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
+                        and any(a.name == "annotations" for a in n.names) for n in tree.body)
+        assert postponed or not annotated, name
