@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pgolf.config import Config, ConfigError, official_env_present
 from pgolf.config.resolve import DEFAULT_PRESET, OFFICIAL_DEFAULT_PRESET, data_dir_overrides, resolve_config
-from pgolf.lab.check import register as register_check
+from pgolf.lab.check_cli import register as register_check
 from pgolf.lab.experiments import register_compare, register_run
 from pgolf.lab.export_cli import register as register_export
 from pgolf.lab.ledger import LedgerHooks, live_runs_on_host, register as register_ledger

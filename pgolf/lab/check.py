@@ -23,12 +23,12 @@ One row per check, PASS / FAIL / SKIP with the reason; exit 0 only when nothing 
 A check that lacks what it needs (no receipts, no shards on this machine, a run older than the
 record it reads) is SKIP with the reason, never a silent PASS. A records folder (from `pgolf
 submit`) gets the checks its files allow, and each seed's run directory, when found under
---runs-dir, the run checks. `pgolf submit` runs check_run on every seed and refuses on any FAIL.
+--runs-dir, the run checks (pgolf.lab.check_submission). `pgolf submit` runs check_run on every
+seed and refuses on any FAIL. The command line is pgolf.lab.check_cli.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -37,7 +37,6 @@ import json
 import math
 import re
 import sqlite3
-import statistics
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -46,7 +45,7 @@ from typing import Any, Callable
 
 from pgolf.config import Config, config_from_dict
 from pgolf.lab.evaluations import EXTRA_KINDS, ROUNDTRIP, counted_evaluations, not_of_the_split
-from pgolf.rules import EXIT_FAILED, EXIT_OK, SIZE_CAP_BYTES
+from pgolf.rules import SIZE_CAP_BYTES
 from pgolf.runs import RunDir, read_json
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -56,7 +55,7 @@ TTT_PROBE_SEQ = 256  # the TTT state probe's window length at most (3 chunks of 
 FINAL_LINE = re.compile(r"^final_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)\s*$", re.MULTILINE)
 MODEL_BYTES_LINE = re.compile(r"^artifact model bytes: ([\d,]+)\s*$", re.MULTILINE)
 CODE_BYTES_LINE = re.compile(r"^code bytes: ([\d,]+) \((.*)\)\s*$", re.MULTILINE)
-SHA = re.compile(r"sha256:([0-9a-f]{16})")
+SHA = re.compile(r"sha256:([0-9a-f]{16})")  # the code digest in a code description
 
 
 class Skip(Exception):
@@ -604,7 +603,7 @@ def check_artifact(ctx: RunContext) -> tuple[str, str]:
                   + ("" if recorded else "; the run predates recorded artifact digests"))
 
 
-def _row(key: str, label: str, fn: Callable[[], tuple[str, str]], opts: CheckOptions, target: str = "") -> Row:
+def check_row(key: str, label: str, fn: Callable[[], tuple[str, str]], opts: CheckOptions, target: str = "") -> Row:
     if key in opts.skip:
         return Row(key, label, SKIP, "skipped (--skip)", target)
     try:
@@ -626,202 +625,20 @@ def check_run(run_dir: str | Path, opts: CheckOptions | None = None, target: str
     except Skip as exc:
         modes, rows = [], [Row("c1", "C1 causal", SKIP, str(exc), target)]
     for mode in modes:
-        rows.append(_row("c1", f"C1 causal ({mode.label})", lambda m=mode: check_causal(ctx, m), opts, target))
+        rows.append(check_row("c1", f"C1 causal ({mode.label})", lambda m=mode: check_causal(ctx, m), opts, target))
     rows += [
-        _row("c2", "C2 normalized", lambda: check_normalized(ctx), opts, target),
-        _row("c3", "C3 score before update", lambda: check_score_first(ctx), opts, target),
-        _row("c4", "C4 single pass", lambda: check_single_pass(ctx), opts, target),
-        _row("bytes", "byte accounting", lambda: check_bytes(ctx), opts, target),
-        _row("provenance", "data provenance", lambda: check_provenance(ctx), opts, target),
-        _row("val-split", "validation split", lambda: check_val_split(ctx), opts, target),
-        _row("train-budget", "phases: training budget", lambda: check_train_budget(ctx), opts, target),
-        _row("eval-data", "phases: evaluation data", lambda: check_eval_data(ctx), opts, target),
-        _row("artifact", "artifact", lambda: check_artifact(ctx), opts, target),
+        check_row("c2", "C2 normalized", lambda: check_normalized(ctx), opts, target),
+        check_row("c3", "C3 score before update", lambda: check_score_first(ctx), opts, target),
+        check_row("c4", "C4 single pass", lambda: check_single_pass(ctx), opts, target),
+        check_row("bytes", "byte accounting", lambda: check_bytes(ctx), opts, target),
+        check_row("provenance", "data provenance", lambda: check_provenance(ctx), opts, target),
+        check_row("val-split", "validation split", lambda: check_val_split(ctx), opts, target),
+        check_row("train-budget", "phases: training budget", lambda: check_train_budget(ctx), opts, target),
+        check_row("eval-data", "phases: evaluation data", lambda: check_eval_data(ctx), opts, target),
+        check_row("artifact", "artifact", lambda: check_artifact(ctx), opts, target),
     ]
     return rows
 
 
-# --- a records folder (pgolf submit's output) --------------------------------------------------------
-
-SEED_LOG = re.compile(r"^train_seed(-?\d+)\.log$")
-
-
-def _last(pattern: re.Pattern, text: str):
-    match = None
-    for match in pattern.finditer(text):
-        pass
-    return match
-
-
-def check_submission(folder: str | Path, opts: CheckOptions | None = None) -> list[Row]:
-    """The checks a records folder's files allow (receipts, the reported numbers, code and sizes from
-    the logs), then the run checks of each seed's run directory found under opts.runs_dir."""
-    opts = opts or CheckOptions()
-    folder = Path(folder)
-    sub = read_json(folder / "submission.json")
-    seeds = [str(s) for s in sub.get("seeds", [])]
-    receipts: dict[str, dict[str, dict]] = {s: {} for s in seeds}
-    for path in sorted((folder / "receipts").glob("seed*_*.json")):
-        seed, _, name = path.name[len("seed"):].partition("_")
-        try:
-            receipts.setdefault(seed, {})[name] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            receipts.setdefault(seed, {})[name] = {}
-    logs = {s: (folder / f"train_seed{s}.log").read_text(encoding="utf-8", errors="replace")
-            if (folder / f"train_seed{s}.log").exists() else "" for s in seeds}
-
-    def score_first() -> tuple[str, str]:
-        from pgolf.eval.audit import AuditFailure, audit_file
-
-        files = sorted((folder / "receipts").glob("*.json"))
-        if not files:
-            raise Skip("the folder has no receipts/")
-        for path in files:
-            try:
-                audit_file(path)
-            except AuditFailure as exc:
-                return FAIL, f"receipts/{path.name}: {exc}"
-        missing = [s for s in seeds if ROUNDTRIP not in receipts.get(s, {})]
-        if missing:
-            return FAIL, f"seed {', '.join(missing)}: no roundtrip receipt (receipts/seed<S>_{ROUNDTRIP})"
-        return PASS, f"{len(files)} receipts pass `pgolf audit`"
-
-    def single_pass() -> tuple[str, str]:
-        results, parts, bpbs = sub.get("seed_results") or {}, [], []
-        for s in seeds:
-            rc, row = receipts.get(s, {}), results.get(s) or {}
-            if ROUNDTRIP not in rc:
-                raise Skip(f"seed {s} has no roundtrip receipt (C3 names it)")
-            scored = rc[ROUNDTRIP].get("total_targets")
-            counted = counted_evaluations(rc, scored)
-            bpb = counted["roundtrip"].data["totals"]["val_bpb"]
-            bpbs.append(bpb)
-            if row.get("val_bpb") != round(bpb, 8):
-                return FAIL, (f"seed {s}: submission.json reports val_bpb {row.get('val_bpb')}, its roundtrip "
-                              f"receipt {bpb}")
-            final = _last(FINAL_LINE, logs.get(s, ""))
-            if final is None or final[2] != f"{bpb:.8f}":
-                return FAIL, (f"seed {s}: train_seed{s}.log's last roundtrip line does not report the receipt's "
-                              f"{bpb:.8f}")
-            for kind in EXTRA_KINDS:
-                value = row.get(f"{kind}_val_bpb")
-                if value is None:
-                    continue
-                if kind not in counted:
-                    return FAIL, (f"seed {s}: submission.json reports a {kind} val_bpb but no {kind} receipt of the "
-                                  "split")
-                want = round(counted[kind].data["totals"]["val_bpb"], 8)
-                if value != want:
-                    return FAIL, (f"seed {s}: submission.json reports {kind} val_bpb {value}, but the evaluation that "
-                                  f"counts ({counted[kind].name}) scored {want}")
-                parts.append(f"seed {s} {kind}: {counted[kind].name}"
-                             + (f" (latest of {len(counted[kind].others) + 1})" if counted[kind].others else ""))
-        if bpbs and sub.get("val_bpb") != round(statistics.fmean(bpbs), 8):
-            return FAIL, (f"submission.json's val_bpb {sub.get('val_bpb')} is not the mean of the seeds' roundtrip "
-                          "receipts")
-        return PASS, ("each seed's val_bpb is its roundtrip receipt's and its log's last line; the claim is their mean"
-                      + ("; " + ", ".join(parts) if parts else ""))
-
-    def artifact() -> tuple[str, str]:
-        code_path = folder / "train_gpt.py"
-        if not code_path.is_file():
-            return FAIL, "the folder has no train_gpt.py"
-        code = code_path.read_bytes()
-        sha = hashlib.sha256(code).hexdigest()[:16]
-        models = []
-        for s in seeds:
-            model, counted = _last(MODEL_BYTES_LINE, logs.get(s, "")), _last(CODE_BYTES_LINE, logs.get(s, ""))
-            if model is None or counted is None:
-                raise Skip(f"train_seed{s}.log has no size lines (artifact model bytes / code bytes)")
-            digest = SHA.search(counted[2])
-            if int(counted[1].replace(",", "")) != len(code) or digest is None or digest[1] != sha:
-                what = digest[0] if digest else "no sha256"
-                return FAIL, (f"seed {s} counted {counted[1]} code bytes ({what}) but train_gpt.py is "
-                              f"{len(code):,} bytes (sha256:{sha}): the shipped code is not the counted code")
-            models.append(int(model[1].replace(",", "")))
-        if not models:
-            raise Skip("no seeds")
-        total = max(models) + len(code)
-        if sub.get("bytes_total") != total:
-            return FAIL, f"submission.json's bytes_total {sub.get('bytes_total')} is not the logs' {total:,}"
-        if total > SIZE_CAP_BYTES:
-            return FAIL, f"largest artifact {max(models):,} + code {len(code):,} = {total:,} bytes, over the cap"
-        return PASS, (f"largest artifact {max(models):,} + train_gpt.py {len(code):,} = {total:,} <= "
-                      f"{SIZE_CAP_BYTES:,} bytes (from the logs and the file); every seed counted this train_gpt.py "
-                      f"(sha256:{sha})")
-
-    rows = [_row("c3", "C3 score before update", score_first, opts),
-            _row("c4", "C4 single pass", single_pass, opts),
-            _row("artifact", "artifact", artifact, opts)]
-    for s in seeds:
-        run_id = ((sub.get("seed_results") or {}).get(s) or {}).get("run_id", "")
-        run_dir = Path(opts.runs_dir) / run_id
-        if run_id and RunDir(run_dir).is_run():
-            rows += check_run(run_dir, opts, target=f"seed {s}")
-        else:
-            rows.append(Row("c1", "run checks", SKIP, f"the run directory {run_dir} is not here (pass --runs-dir): C1, "
-                                                      "C2, bytes, provenance and the phases need the run", f"seed {s}"))
-    return rows
-
-
-# --- command line --------------------------------------------------------------------------------
-
-def check_target(target: str | Path, opts: CheckOptions | None = None) -> list[Row]:
-    path = Path(target)
-    if RunDir(path).is_run():
-        return check_run(path, opts)
-    if (path / "submission.json").is_file():
-        return check_submission(path, opts)
-    raise FileNotFoundError(f"{target} is neither a run directory ({RunDir.CONFIG}) nor a records folder "
-                            "(submission.json)")
-
-
 def failed(rows: list[Row]) -> list[Row]:
     return [r for r in rows if r.status == FAIL]
-
-
-def render(rows: list[Row], target: str) -> str:
-    width = max(len((f"{r.target}: " if r.target else "") + r.check) for r in rows)
-    lines = [f"pgolf check {target}"]
-    for r in rows:
-        name = (f"{r.target}: " if r.target else "") + r.check
-        lines.append(f"{r.status}  {name:<{width}}  {r.detail}")
-    counts = {s: sum(r.status == s for r in rows) for s in (PASS, FAIL, SKIP)}
-    verdict = FAIL if counts[FAIL] else PASS
-    lines.append(f"result: {verdict} ({counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped)")
-    return "\n".join(lines)
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    from pgolf.config import ConfigError
-
-    skip = tuple(k.strip() for k in (args.skip or "").split(",") if k.strip())
-    unknown = [k for k in skip if k not in KEYS]
-    if unknown:
-        raise ConfigError(f"--skip {', '.join(unknown)}: the checks are {', '.join(KEYS)}")
-    if args.windows < 1:
-        raise ConfigError(f"--windows must be at least 1 (evaluation windows per probe), got {args.windows}")
-    opts = CheckOptions(device=args.device, windows=args.windows, seed=args.seed, data_dir=args.data,
-                        runs_dir=args.runs_dir, skip=skip)
-    rows = check_target(args.target, opts)
-    if args.json:
-        print(json.dumps({"target": args.target, "ok": not failed(rows), "rows": [r.to_dict() for r in rows]},
-                         indent=2))
-    else:
-        print(render(rows, args.target))
-    return EXIT_FAILED if failed(rows) else EXIT_OK
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("check", help="legality (causal, normalized, score-first, single pass), bytes, data "
-                                            "provenance, compute phases and size of a run or records folder")
-    p.add_argument("target", help="a run directory (runs/<id>) or a records folder written by `pgolf submit`")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the probes run (default cpu)")
-    p.add_argument("--data", default=None, metavar="DIR",
-                   help="shards (fineweb_val_*/fineweb_train_*) and tokenizer from DIR instead of the run's")
-    p.add_argument("--runs-dir", default="runs", help="where a records folder's seed runs are (default runs)")
-    p.add_argument("--windows", type=int, default=3, help="evaluation windows each probe samples (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="the probes' sampling seed (default 0)")
-    p.add_argument("--skip", default=None, metavar="KEYS", help=f"comma list of checks not to run: {', '.join(KEYS)}")
-    p.set_defaults(handler=cmd_check)
