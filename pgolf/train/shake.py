@@ -1,5 +1,5 @@
-"""Drop the module-level functions and classes that nothing shipped refers to, before a bundle
-is minified. A submission pays for every byte it ships, and modules carry helpers that only the
+"""Drop the module-level functions, classes and tables (``NAME = <value that runs no code>``)
+that nothing shipped refers to, before a bundle is minified. A submission pays for every byte it ships, and modules carry helpers that only the
 package's other tools call (the lab, data building, audits, tests).
 
 A definition stays when its name occurs in live code: module-level statements, another kept
@@ -73,10 +73,30 @@ def registration(decorator: ast.expr, constants: Mapping[str, str]) -> tuple[str
     return (decorator.func.value.id, name) if isinstance(name, str) else None
 
 
+# What a value assigned at module level may be built of and still be dropped unreferenced:
+# evaluating it runs no code of ours (no call, subscript or walrus) and binds nothing else.
+_PURE = (ast.Constant, ast.Name, ast.Attribute, ast.Load, ast.Dict, ast.List, ast.Tuple, ast.Set, ast.BinOp,
+         ast.UnaryOp, ast.BoolOp, ast.Compare, ast.operator, ast.unaryop, ast.boolop, ast.cmpop, ast.Starred,
+         ast.JoinedStr, ast.FormattedValue, ast.Lambda, ast.arguments, ast.arg)
+
+
+def defined_names(stmt: ast.stmt) -> list[str]:
+    """The names a droppable statement defines: a def or class, or ``NAME = <pure value>`` (a
+    table or constant: ``EXIT_CODES = {...}``); [] for any other statement."""
+    if isinstance(stmt, DEFINITIONS):
+        return [stmt.name]
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+    if (targets and getattr(stmt, "value", None) is not None and all(isinstance(t, ast.Name) for t in targets)
+            and all(isinstance(node, _PURE) for node in ast.walk(stmt.value))):
+        return [t.id for t in targets]
+    return []
+
+
 def _is_root(stmt: ast.stmt, unselected: Collection[tuple[str, str]], constants: Mapping[str, str]) -> bool:
-    if not isinstance(stmt, DEFINITIONS) or stmt.name.startswith("__"):
+    names = defined_names(stmt)
+    if not names or any(name.startswith("__") for name in names):
         return True
-    return any(registration(d, constants) not in unselected for d in stmt.decorator_list)
+    return any(registration(d, constants) not in unselected for d in getattr(stmt, "decorator_list", ()))
 
 
 def _is_all(stmt: ast.stmt) -> bool:
@@ -138,7 +158,7 @@ def shake(sources: Mapping[str, str], keep: Iterable[str] = (),
     while changed:  # a kept definition can make others live
         changed = False
         for _, stmt in pending:
-            if id(stmt) not in kept and stmt.name in live:
+            if id(stmt) not in kept and any(name in live for name in defined_names(stmt)):
                 kept.add(id(stmt))
                 live |= _names_in(stmt)
                 changed = True

@@ -316,7 +316,7 @@ def test_shake_drops_the_registry_entries_the_config_does_not_choose():
                 'auto=True)\nPLAIN = "plain"\n\n\n@MLPS.register("relu2")\nclass Relu2:\n    pass\n\n\n'
                 '@MLPS.register("swiglu")\nclass SwiGLU:\n    pass\n\n\n@MLPS.register(PLAIN)\nclass Plain:\n    pass\n\n\n'
                 '@MLPS.register("named")\nclass Named:\n    pass\n\n\n@LAYOUTS.register("unet")\ndef unet():\n    pass\n\n\n'
-                "USED = Named\n")
+                "assert Named\n")
     sources = {"pgolf.model.registry": registry}
     cfg = Config()
     assert cfg.model.mlp == "relu2" and cfg.model.layout == "auto"
@@ -371,3 +371,13 @@ def test_shipped_modules_never_evaluate_signature_annotations():
         postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
                         and any(a.name == "annotations" for a in n.names) for n in tree.body)
         assert postponed or not annotated, name
+
+
+def test_shake_drops_unreferenced_tables_but_not_what_runs_code():
+    sources = {"pgolf.a": "import re\n\n\ndef f():\n    return 1\n\n\nUNUSED = {1: 'a', 2: f}\nUSED = (1, 2)\n"
+                          "PATTERN = re.compile('x')\nCALLED = f()\n__version__ = '1'\n",
+               "pgolf.b": "from pgolf.a import USED\n\nprint(USED)\n"}
+    kept = shake(sources)["pgolf.a"]
+    assert "UNUSED" not in kept and "USED = (1, 2)" in kept  # a table only its own definition names
+    assert "PATTERN" in kept and "CALLED" in kept and "__version__" in kept  # calls may do anything; dunders stay
+    assert "def f" in kept  # CALLED's call keeps it
