@@ -1,6 +1,6 @@
-"""What a shipped train_gpt.py carries: its name, the modules it holds only when the run's config
-needs them, and how its bytes are described. Torch-free: the bundler, the bundle's main and the
-export all read it.
+"""What a shipped train_gpt.py carries: its name, the keys its runner may set, the modules it holds
+only when the run's config needs them, and how its bytes are described. Torch-free: the bundler,
+the bundle's main and the export all read it.
 """
 
 from __future__ import annotations
