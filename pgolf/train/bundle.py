@@ -276,7 +276,7 @@ def build_bundle(cfg: Config | Mapping[str, Any], sources: Mapping[str, str] | N
 
     needs = "torch numpy sentencepiece" + (" brotli" if compressor == "brotli" else "")
     header = (f"# pgolf {__version__}, {len(sources)} modules {compressor}-packed; needs {needs}. "
-              "Run: [torchrun --nproc_per_node=8] train_gpt.py [section.key=value ...]\n")
+              "Run: [SEED=N RUN_ID=ID DATA_PATH=DIR TOKENIZER_PATH=FILE] [torchrun --nproc_per_node=8] train_gpt.py\n")
     config = f"CONFIG={bundle_config(cfg)!r}\n"
     packed = 'PACKED=b"' + pack_modules(shipped_sources(cfg, sources), compressor).decode("ascii") + '"\n'
     loader = LOADER.format(compressor=compressor, bundle=BUNDLE_NAME, entry=ENTRY_MODULE)
