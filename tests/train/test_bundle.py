@@ -30,6 +30,7 @@ from pgolf.config.resolve import resolve_config
 from tests.train.test_train import tiny_config
 
 SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fineweb_sp1024_sample"
+PRESETS = Path(__file__).resolve().parents[2] / "configs"
 
 PACKAGE = Path(pgolf.__file__).resolve().parent
 COMPRESSORS = ["lzma"] + (["brotli"] if bundle_module.default_compressor() == "brotli" else [])
@@ -381,3 +382,32 @@ def test_shake_drops_unreferenced_tables_but_not_what_runs_code():
     assert "UNUSED" not in kept and "USED = (1, 2)" in kept  # a table only its own definition names
     assert "PATTERN" in kept and "CALLED" in kept and "__version__" in kept  # calls may do anything; dunders stay
     assert "def f" in kept  # CALLED's call keeps it
+
+
+def test_every_preset_bundle_imports_all_it_ships(tmp_path):
+    """Each configs/*.toml bundle, in one clean interpreter (a decoy pgolf on the path): every
+    module it ships imports from the bundle, so nothing it uses at import was shaken or pruned."""
+    plan = []
+    for path in sorted(PRESETS.glob("*.toml")):
+        cfg, _ = resolve_config(str(path), [], env={})
+        bundle = tmp_path / path.stem / "train_gpt.py"
+        bundle.parent.mkdir()
+        bundle.write_bytes(build_bundle(cfg))
+        plan.append((str(bundle), sorted(shipped_sources(cfg))))
+    script = (
+        "import importlib, json, runpy, sys\n"
+        f"for path, modules in json.loads({json.dumps(json.dumps(plan))}):\n"
+        "    runpy.run_path(path, run_name='bundle')  # puts its importer first on sys.meta_path\n"
+        "    for name in modules:\n"
+        "        assert importlib.import_module(name).__file__.startswith(path), name\n"
+        "    sys.meta_path.pop(0)\n"
+        "    for name in [n for n in sys.modules if n == 'pgolf' or n.startswith('pgolf.')]:\n"
+        "        del sys.modules[name]\n"
+        "print('imported', len(modules))\n")
+    decoy = tmp_path / "decoy" / "pgolf"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy pgolf was imported, not the bundle')\n")
+    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(decoy.parent)}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-3000:]
