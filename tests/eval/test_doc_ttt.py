@@ -20,6 +20,7 @@ from pgolf.eval.lora import DocLoRA, block_applications
 from pgolf.eval.receipt import receipt_digest, write_receipt
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
+from tests.gloo import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -418,30 +419,16 @@ def test_eval_options_name_each_bad_doc_lora_setting():
 
 # --- two real processes (gloo) -----------------------------------------------------------------
 
-def _two_process_worker(rank: int, tmp: str) -> None:
-    import datetime
-    from pathlib import Path
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        out = {}
-        for name, cfg in (("phased", config()), ("round_robin", config(batch_docs=2, phases=()))):
-            _, receipt = run_doc_ttt(tiny_model(), stream(), LUTS, cfg, CPU, rank=rank, world_size=2)
-            out[name] = receipt.body()
-        Path(tmp, f"rank{rank}.json").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
+def _doc_ttt_on_ranks(rank: int, world_size: int) -> dict:
+    out = {}
+    for name, cfg in (("phased", config()), ("round_robin", config(batch_docs=2, phases=()))):
+        _, receipt = run_doc_ttt(tiny_model(), stream(), LUTS, cfg, CPU, rank=rank, world_size=world_size)
+        out[name] = receipt.body()
+    return out
 
 
 def test_two_gloo_processes_share_the_batches_and_write_one_receipt(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_two_process_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    outs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    outs = run_ranks(_doc_ttt_on_ranks, tmp_path)
     assert outs[0] == outs[1]  # every rank holds the whole receipt
     # One batch per phase segment: rank 0 scores them all, both ranks train each phase (gradients
     # all-reduced), so the scores are the single process's up to the order of float sums.

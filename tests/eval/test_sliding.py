@@ -5,19 +5,16 @@ better with more context."""
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pgolf.eval.windows import evaluate_bpb, score_windows, window_plan
 from pgolf.data.tokenizer import ByteTokenizer
 from tests.eval.test_evaluate import L, V, PrefixScorer, hand_luts, tiny_gpt
+from tests.gloo import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -290,25 +287,18 @@ def test_batch_size_and_rank_split_do_not_change_sliding_sums(model_kind):
 
 # --- a real 2-process run (gloo) ----------------------------------------------------------
 
-def _two_process_worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        out = {}
-        for kind, model, batch in (("scorer", PrefixScorer(41), 3), ("gpt", tiny_gpt(41), 1)):
-            tokens = random_tokens(9 * L + 4, seed=41)
-            windows = window_plan(tokens.numel() - 1, L, 5, cuts=(33,))
-            s = score_windows(model, tokens, windows, hand_luts(41), CPU, batch, rank=rank, world_size=2)
-            out[kind] = [s.loss_sum, s.tokens, s.bytes]
-        Path(tmp, f"rank{rank}.json").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
+def _sums_on_ranks(rank: int, world_size: int) -> dict:
+    out = {}
+    for kind, model, batch in (("scorer", PrefixScorer(41), 3), ("gpt", tiny_gpt(41), 1)):
+        tokens = random_tokens(9 * L + 4, seed=41)
+        windows = window_plan(tokens.numel() - 1, L, 5, cuts=(33,))
+        s = score_windows(model, tokens, windows, hand_luts(41), CPU, batch, rank=rank, world_size=world_size)
+        out[kind] = [s.loss_sum, s.tokens, s.bytes]
+    return out
 
 
 def test_two_gloo_processes_all_reduce_to_the_single_process_sums(tmp_path):
-    mp.spawn(_two_process_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    outs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    outs = run_ranks(_sums_on_ranks, tmp_path)
     assert outs[0] == outs[1]  # every rank holds the all-reduced totals
     for kind, model, batch in (("scorer", PrefixScorer(41), 3), ("gpt", tiny_gpt(41), 1)):
         tokens = random_tokens(9 * L + 4, seed=41)
