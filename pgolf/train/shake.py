@@ -1,6 +1,7 @@
 """Drop the module-level functions, classes and tables (``NAME = <value that runs no code>``)
-that nothing shipped refers to, before a bundle is minified. A submission pays for every byte it ships, and modules carry helpers that only the
-package's other tools call (the lab, data building, audits, tests).
+that nothing shipped refers to, before a bundle is minified. A submission pays for every byte it
+ships, and modules carry helpers that only the package's other tools call (the lab, data
+building, audits, tests).
 
 A definition stays when its name occurs in live code: module-level statements, another kept
 definition, or a string (as getattr and __all__ name things). Names are matched across all
@@ -9,7 +10,8 @@ dunder names always stay, since a decorator may register what it decorates; but 
 entry (decorated only by ``REGISTRY.register("name")``) that the caller lists as unselected (its
 config does not choose it) stays only if shipped code names it. ``__all__`` is dropped unless a
 shipped module star-imports: it only names a module's API for ``import *`` and docs, and its
-strings would otherwise keep every definition it lists.
+strings would otherwise keep every definition it lists. Methods go by the same rule, in classes
+only pgolf code calls (no base from outside pgolf, which might call one by its protocol name).
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def _walk_except(node: ast.AST, skip: set[int]):
         yield from _walk_except(child, skip)
 
 
-def _names_in(node: ast.AST) -> set[str]:
+def _names_in(node: ast.AST, skip: Collection[int] = ()) -> set[str]:
+    """The names node uses (``skip``: ids of nodes not to look into)."""
     found = set()
-    for sub in _walk_except(node, _signature_annotations(node)):
+    for sub in _walk_except(node, _signature_annotations(node) | set(skip)):
         if isinstance(sub, ast.Name):
             found.add(sub.id)
         elif isinstance(sub, ast.Attribute):
@@ -111,6 +114,38 @@ def _star_imports(trees: Iterable[ast.Module]) -> bool:
                for tree in trees for node in ast.walk(tree))
 
 
+# A method may go when nothing names it: in a class that only pgolf code calls (no base outside
+# pgolf, which might call a method by its protocol name), with none of these decorators or none.
+_METHOD_DECORATORS = {"property", "staticmethod", "classmethod", "cached_property", "functools.cached_property"}
+
+
+def _methods_to_shake(trees: Iterable[ast.Module]) -> dict[int, list[ast.stmt]]:
+    """id(class) -> its methods that may be dropped, for every plain class: bases only ``object``
+    or other plain classes of the sources (by a name defined once), no metaclass or keywords,
+    no decorator but ``dataclass``."""
+    classes: dict[str, list[ast.ClassDef]] = {}
+    for tree in trees:
+        for stmt in tree.body:
+            if isinstance(stmt, ast.ClassDef):
+                classes.setdefault(stmt.name, []).append(stmt)
+    memo: dict[int, bool] = {}
+
+    def plain(cls: ast.ClassDef) -> bool:
+        if id(cls) not in memo:
+            memo[id(cls)] = False  # a cycle is not plain
+            memo[id(cls)] = (not cls.keywords and all(
+                ast.unparse(d).split("(")[0] in ("dataclass", "dataclasses.dataclass") for d in cls.decorator_list)
+                and all(isinstance(b, ast.Name) and (b.id == "object" or (len(classes.get(b.id, ())) == 1
+                                                                          and plain(classes[b.id][0])))
+                        for b in cls.bases))
+        return memo[id(cls)]
+
+    return {id(cls): [m for m in cls.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and not m.name.startswith("__")
+                      and all(ast.unparse(d) in _METHOD_DECORATORS for d in m.decorator_list)]
+            for same in classes.values() for cls in same if plain(cls)}
+
+
 def _prunable_import(stmt: ast.stmt, modules: Collection[str]) -> bool:
     """``from pgolf.x import a, b`` of definitions and values (not of modules, whose import runs
     them): the names nothing live uses can go."""
@@ -131,8 +166,9 @@ def _pruned_import(stmt: ast.ImportFrom, live: set[str]) -> str | None:
 
 def shake(sources: Mapping[str, str], keep: Iterable[str] = (),
           unselected: Collection[tuple[str, str]] = ()) -> dict[str, str]:
-    """The sources with every unreferenced module-level definition removed (its lines cut out
-    of the text, decorators included) and the module-level imports of pgolf names nothing live
+    """The sources with every unreferenced module-level definition, and method of a plain class
+    (_methods_to_shake), removed (its lines cut out of the text, decorators included) and the
+    module-level imports of pgolf names nothing live
     uses pruned; everything else is kept as written. ``keep``: names used from outside the
     sources (the bundle's loader calls its main); ``unselected``: registry entries (REGISTRY,
     name) the config does not choose."""
@@ -141,6 +177,14 @@ def shake(sources: Mapping[str, str], keep: Iterable[str] = (),
     pending: list[tuple[str, ast.stmt]] = []  # definitions not yet known to be live
     imports: list[tuple[str, ast.ImportFrom]] = []  # an import alone makes nothing live
     edits: dict[str, list[tuple[ast.stmt, str]]] = {}  # module -> (statement, its replacement)
+    methods = _methods_to_shake(trees.values())
+    own_methods = {cls_id: {id(m) for m in found} for cls_id, found in methods.items()}
+    kept: set[int] = set()  # statements known to be live: roots, kept definitions, kept methods
+
+    def use(stmt: ast.stmt) -> None:
+        kept.add(id(stmt))
+        live.update(_names_in(stmt, own_methods.get(id(stmt), ())))  # a class's methods count once kept
+
     drop_all = not _star_imports(trees.values())
     for name, tree in trees.items():
         constants = string_constants(tree)
@@ -150,21 +194,29 @@ def shake(sources: Mapping[str, str], keep: Iterable[str] = (),
             elif _prunable_import(stmt, sources):
                 imports.append((name, stmt))
             elif _is_root(stmt, unselected, constants):
-                live |= _names_in(stmt)
+                use(stmt)
             else:
                 pending.append((name, stmt))
-    kept: set[int] = set()
+            pending += [(name, m) for m in methods.get(id(stmt), ())]
+    owner = {id(m): cls_id for cls_id, found in methods.items() for m in found}
     changed = True
     while changed:  # a kept definition can make others live
         changed = False
         for _, stmt in pending:
-            if id(stmt) not in kept and any(name in live for name in defined_names(stmt)):
-                kept.add(id(stmt))
-                live |= _names_in(stmt)
+            cls_id = owner.get(id(stmt))
+            if id(stmt) in kept or (cls_id is not None and cls_id not in kept):
+                continue  # kept already, or a method of a class not (yet) kept
+            if any(name in live for name in defined_names(stmt)):
+                use(stmt)
                 changed = True
     for name, stmt in pending:
-        if id(stmt) not in kept:
+        if id(stmt) not in kept and (id(stmt) not in owner or owner[id(stmt)] in kept):
             edits.setdefault(name, []).append((stmt, ""))
+    for name, tree in trees.items():  # a kept class left with no statement gets a `pass`
+        for cls in (s for s in tree.body if id(s) in kept and id(s) in methods):
+            if all(id(m) not in kept and id(m) in owner for m in cls.body):
+                edits[name] = [(m, r) for m, r in edits[name] if m is not cls.body[0]]
+                edits[name].append((cls.body[0], " " * cls.body[0].col_offset + "pass\n"))
     for name, stmt in imports:
         pruned = _pruned_import(stmt, live)
         if pruned is not None:

@@ -411,3 +411,20 @@ def test_every_preset_bundle_imports_all_it_ships(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_shake_drops_the_methods_nothing_names_in_plain_classes():
+    """A method nothing shipped names goes from a class only pgolf calls; a class with a base from
+    outside (nn.Module: torch calls forward) keeps every method, and dunders always stay."""
+    sources = {"pgolf.a": ("import torch\n\n\nclass Base:\n    def used(self):\n        return self.helper()\n\n"
+                           "    def helper(self):\n        return 1\n\n    def unused(self):\n        return 2\n\n"
+                           "    @property\n    def also_unused(self):\n        return 3\n\n\n"
+                           "class Child(Base):\n    def only(self):\n        return 4\n\n\n"
+                           "class Net(torch.nn.Module):\n    def forward(self, x):\n        return x\n\n"
+                           "    def __repr__(self):\n        return 'Net'\n"),
+               "pgolf.b": "from pgolf.a import Base, Child, Net\n\nprint(Base().used(), Child, Net)\n"}
+    kept = shake(sources)["pgolf.a"]
+    assert "def used" in kept and "def helper" in kept and "def forward" in kept and "__repr__" in kept
+    assert "def unused" not in kept and "also_unused" not in kept
+    assert "class Child(Base):\n    pass\n" in kept  # emptied: a pass keeps the class valid
+    exec(compile(kept, "pgolf/a.py", "exec"), {})
