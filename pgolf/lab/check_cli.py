@@ -7,7 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from pgolf.lab.check import FAIL, KEYS, PASS, SKIP, CheckOptions, Row, check_run, failed
+from pgolf.lab.check import FAIL, KEYS, PASS, SKIP, Row, check_run, failed
+from pgolf.lab.check_context import CheckOptions
 from pgolf.lab.check_submission import check_submission
 from pgolf.rules import EXIT_FAILED, EXIT_OK
 from pgolf.runs import RunDir

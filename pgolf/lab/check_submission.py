@@ -9,8 +9,8 @@ import re
 import statistics
 from pathlib import Path
 
-from pgolf.lab.check import (CODE_BYTES_LINE, FAIL, FINAL_LINE, MODEL_BYTES_LINE, PASS, SHA, SKIP, CheckOptions, Row,
-                             Skip, check_row, check_run)
+from pgolf.lab.check import CODE_BYTES_LINE, FAIL, FINAL_LINE, MODEL_BYTES_LINE, PASS, SHA, SKIP, Row, check_row, check_run
+from pgolf.lab.check_context import CheckOptions, Skip
 from pgolf.lab.evaluations import EXTRA_KINDS, ROUNDTRIP, counted_evaluations
 from pgolf.rules import SIZE_CAP_BYTES
 from pgolf.runs import RunDir, read_json

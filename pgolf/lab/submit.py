@@ -33,7 +33,8 @@ from pgolf.train.bundle import BUNDLE_NAME, bundle_config, bundle_modules, build
 from pgolf.config import Config, ConfigError, config_from_dict
 from pgolf.rules import EXIT_FAILED, EXIT_OK, SIZE_CAP_BYTES, TRACK_TIME_LIMIT_S
 from pgolf.runs import RunDir, RunError, find_run_dir, group_run_dirs, read_json
-from pgolf.lab.check import SKIP, CheckOptions, check_run, failed
+from pgolf.lab.check import SKIP, check_run, failed
+from pgolf.lab.check_context import CheckOptions
 from pgolf.lab.evaluations import counted_evaluations
 from pgolf.lab.stats import summarize
 

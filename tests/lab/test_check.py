@@ -20,7 +20,8 @@ from pgolf.data.shards import read_shard, write_shard
 from pgolf.eval.receipt import receipt_digest, write_receipt
 from pgolf.eval.run import EvalOptions, load_target, run_eval
 from pgolf.eval.ttt import TTTConfig, run_ttt
-from pgolf.lab.check import FAIL, KEYS, PASS, SKIP, CheckOptions, check_run
+from pgolf.lab.check import FAIL, KEYS, PASS, SKIP, check_run
+from pgolf.lab.check_context import CheckOptions
 from pgolf.lab.check_cli import check_target
 from pgolf.lab.ledger import Ledger
 from pgolf.model.gpt import GPT
