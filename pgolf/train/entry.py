@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import pgolf
 from pgolf.config import Config, ConfigError, apply_env, apply_overrides, config_from_dict
-from pgolf.rules import STATUS_EXIT_CODES
+from pgolf.rules import EXIT_USAGE, STATUS_EXIT_CODES
 from pgolf.train.shipping import BUNDLE_NAME, RUNNER_KEYS
 
 # `pgolf train`'s exit statuses: a bundle exits as the command would.
@@ -43,7 +43,7 @@ def recipe_changes(packed: Config, cfg: Config) -> list[str]:
 def _refuse(problem: Exception, is_main: bool) -> int:
     if is_main:
         print(f"{BUNDLE_NAME}: error: {problem}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 def run_bundled(config_diff: Mapping[str, Any], argv: list[str]) -> int:
